@@ -1,0 +1,39 @@
+"""Errors a user can act on.
+
+Every error raised for bad input, a bad model or a bad artifact is an :class:`IdcError` whose message
+is one line naming the file (or model id) and the problem. The CLI prints it and exits with code 2;
+anything else reaching the top is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class IdcError(Exception):
+    """Base class: a problem with what the user gave us, not a bug in idc-lite."""
+
+    def __init__(self, subject: str | os.PathLike | None, problem: str):
+        self.subject = None if subject is None else os.fspath(subject)
+        self.problem = problem
+        super().__init__(problem if self.subject is None else f"{self.subject}: {problem}")
+
+
+class InputError(IdcError):
+    """An image (or folder of images) that cannot be used."""
+
+
+class ModelError(IdcError):
+    """A model that cannot be found, read, or is not a BLIP-2 model."""
+
+
+class AdapterError(IdcError):
+    """A LoRA adapter that cannot be found, read, is unsafe, or does not fit the model."""
+
+
+class ArtifactError(IdcError):
+    """An idc-lite artifact directory that is incomplete, tampered with or of another format."""
+
+
+class DatasetError(IdcError):
+    """A dataset file or record that cannot be read."""
