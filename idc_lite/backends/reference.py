@@ -1,0 +1,76 @@
+"""The reference backend: transformers' ``Blip2ForConditionalGeneration``, with the LoRA adapter.
+
+It is the yardstick the lite path is measured against: fp16 on CUDA, fp32 on CPU, generation through
+transformers' own BLIP-2 ``generate``, with the settings and prefix shared with the lite path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..adapters import apply_adapter, find_adapter
+from ..decoding import generate_kwargs, prefix_ids, token_settings
+from ..errors import ModelError
+from ..loading import check_blip2_dir, resolve_model_dir
+from ..runtime import quiet_libraries, resolve_device, resolve_dtype
+from ..settings import GenerationSettings, ProcessorSettings
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def __init__(
+        self, model: str | os.PathLike, adapter: str | os.PathLike | None = None, *, revision: str | None = None,
+        local_files_only: bool = False, device: str = "auto", dtype: str | None = None, merge_adapter: bool = False,
+    ):
+        model_dir = resolve_model_dir(model, revision, local_files_only)
+        config = check_blip2_dir(model_dir)
+        adapter_source = find_adapter(adapter) if adapter is not None else None
+        self.model_id = os.fspath(model)
+        self.model_dir = model_dir
+        self.adapter = adapter_source.name if adapter_source else None
+        self.tokens = token_settings(config, str(model_dir / "config.json"))
+        self.processor = ProcessorSettings.from_model_dir(model_dir)
+        self.device = resolve_device(device)
+
+        quiet_libraries()
+        import torch
+        from transformers import Blip2ForConditionalGeneration
+
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = load_tokenizer(model_dir)
+        try:
+            net = Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=self.dtype, use_safetensors=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelError(model_dir, f"cannot load the model ({str(exc).strip().splitlines()[0]})") from None
+        if adapter_source is not None:
+            net = apply_adapter(net, adapter_source, self.model_id, merge=merge_adapter)
+        self.net = net.to(self.device).eval()
+        self._torch = torch
+
+    def generate(self, pixels: np.ndarray, settings: GenerationSettings) -> list[list[int]]:
+        torch = self._torch
+        tokens = self.tokens
+        prefix = [tokens.image_token_id] * tokens.num_query_tokens + prefix_ids(self.tokenizer, tokens, settings.prompt)
+        batch = pixels.shape[0]
+        with torch.inference_mode():
+            input_ids = torch.tensor([prefix] * batch, dtype=torch.long, device=self.device)
+            pixel_values = torch.from_numpy(pixels).to(self.device, self.dtype)
+            out = self.net.generate(
+                pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                **generate_kwargs(settings, tokens),
+            )
+        return out[:, len(prefix):].tolist()
+
+
+def load_tokenizer(model_dir: Path):
+    """The model's tokenizer (never remote code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(model_dir, f"cannot load the tokenizer ({str(exc).strip().splitlines()[0]})") from None

@@ -1,0 +1,124 @@
+"""Session fixtures: a tiny random BLIP-2, its LoRA adapters in both layouts, and image pairs.
+
+Everything is built here, offline, in a few seconds: no hub, no download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach the network during tests
+
+DATA = Path(__file__).parent / "data"
+MAX_NEW_TOKENS = 10
+
+
+def random_pairs(n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` (before, after) uint8 image pairs of assorted sizes."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        h, w = rng.integers(24, 64, size=2)
+        before = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        after = before.copy()
+        y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        after[y : y + h // 2, x : x + w // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
+        pairs.append((before, after))
+    return pairs
+
+
+def _pick_eos(model_dir: Path) -> None:
+    """Make EOS a token the random model emits mid-caption, so captions end at different lengths.
+
+    With a random model the real EOS almost never comes; choosing a token that does come exercises
+    early stopping, and batches whose captions finish at different steps.
+    """
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    from idc_lite.compose import compose_batch
+    from idc_lite.settings import ProcessorSettings
+
+    net = Blip2ForConditionalGeneration.from_pretrained(model_dir).eval()
+    pixels = torch.from_numpy(compose_batch(random_pairs(12, seed=99), processor=ProcessorSettings.from_model_dir(model_dir)))
+    with torch.inference_mode():
+        out = net.generate(pixel_values=pixels, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=None, pad_token_id=1)
+    new = out[:, -MAX_NEW_TOKENS:].tolist()
+    # The token that first appears at the most varied positions (after the first step) across captions.
+    best, best_spread = None, -1
+    for token in {t for seq in new for t in seq[2:]}:
+        firsts = {seq.index(token) for seq in new if token in seq[2:]}
+        spread = len(firsts) + sum(token not in seq for seq in new) / 100
+        if spread > best_spread and sum(token in seq for seq in new) < len(new):
+            best, best_spread = token, spread
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["text_config"]["eos_token_id"] = best
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random BLIP-2 OPT model directory, as a hub download would leave it."""
+    from idc_lite.modelgen import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-blip2", seed=0)
+    _pick_eos(model_dir)
+    return model_dir
+
+
+def make_adapter(model_dir: Path, out_dir: Path, layout: str, seed: int = 1, r: int = 4) -> Path:
+    """A LoRA adapter for ``model_dir`` with BLIP2IDC's target modules and non-zero random weights.
+
+    ``layout="legacy"`` writes BLIP2IDC's released layout (``adapter_model.bin`` pickle of tensors and
+    its adapter_config.json); ``"peft"`` writes PEFT's safetensors layout.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import Blip2ForConditionalGeneration
+
+    config = json.loads((DATA / "blip2idc-ier.adapter_config.json").read_text())
+    config.update(r=r, lora_alpha=2 * r, base_model_name_or_path=str(model_dir))
+    net = Blip2ForConditionalGeneration.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    lora = LoraConfig(**{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__})
+    lora.init_lora_weights = False  # random A and B: the adapter visibly changes the model
+    peft_model = get_peft_model(net, lora)
+    state = {k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    if layout == "legacy":
+        torch.save(state, out_dir / "adapter_model.bin")
+    else:
+        save_file(state, str(out_dir / "adapter_model.safetensors"))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def legacy_adapter(tiny_model, tmp_path_factory) -> Path:
+    return make_adapter(tiny_model, tmp_path_factory.mktemp("adapters") / "legacy", "legacy")
+
+
+@pytest.fixture(scope="session")
+def peft_adapter(tiny_model, tmp_path_factory) -> Path:
+    """The same weights as ``legacy_adapter`` (same seed), in PEFT's safetensors layout."""
+    return make_adapter(tiny_model, tmp_path_factory.mktemp("adapters") / "peft", "peft")
+
+
+@pytest.fixture(scope="session")
+def pairs() -> list[tuple[np.ndarray, np.ndarray]]:
+    return random_pairs(7)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model):
+    """A reference-backend captioner on the tiny model, shared by read-only tests."""
+    from idc_lite import Captioner, GenerationSettings
+
+    return Captioner(tiny_model, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))
