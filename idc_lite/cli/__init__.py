@@ -1,0 +1,54 @@
+"""The ``idc-lite`` command line. One module per subcommand; heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+
+from .._version import __version__
+from ..errors import IdcError
+from .batch import batch
+from .describe import describe
+from .synth import synth
+
+app = typer.Typer(
+    name="idc-lite", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Say what changed between two images (BLIP2IDC, optimized for the edge).",
+)
+app.command()(describe)
+app.command()(batch)
+app.command()(synth)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"idc-lite {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show a traceback with errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what is being done.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.INFO if verbose or debug else logging.WARNING, format="%(message)s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app(args=argv, prog_name="idc-lite")
+    except IdcError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,208 @@
+"""The command line: describe, batch (pairing, failures, resume), errors, fast start-up."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import MAX_NEW_TOKENS, random_pairs
+from idc_lite.cli import main
+
+TOKENS = ["--max-new-tokens", str(MAX_NEW_TOKENS)]
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return info.value.code or 0, out, err
+
+
+def write_pair(before_dir: Path, after_dir: Path, key: str, pair, after_ext=".png"):
+    for folder, image, ext in ((before_dir, pair[0], ".png"), (after_dir, pair[1], after_ext)):
+        path = folder / f"{key}{ext}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    before, after = tmp_path / "before", tmp_path / "after"
+    keys = ["a", "b", "sub/c", "sub/deeper/d", "e"]
+    for key, pair in zip(keys, random_pairs(len(keys), seed=5)):
+        write_pair(before, after, key, pair, after_ext=".jpg" if key == "b" else ".png")
+    return before, after, keys
+
+
+def test_describe_prints_the_caption_and_json(tiny_model, reference, pairs, tmp_path, capsys):
+    write_pair(tmp_path, tmp_path / "after", "x", pairs[0])
+    code, out, _ = run(["describe", tmp_path / "x.png", tmp_path / "after" / "x.png", "-m", tiny_model, *TOKENS], capsys)
+    expected = reference.describe(tmp_path / "x.png", tmp_path / "after" / "x.png").caption
+    assert code == 0 and out == expected + "\n"
+    code, out, _ = run(["describe", tmp_path / "x.png", tmp_path / "after" / "x.png", "-m", tiny_model, "--json", *TOKENS], capsys)
+    record = json.loads(out)
+    assert code == 0 and record["caption"] == expected and record["model"] == str(tiny_model) and record["error"] is None
+
+
+def test_describe_options_reach_the_model(tiny_model, pairs, tmp_path, capsys):
+    write_pair(tmp_path, tmp_path / "after", "x", pairs[1])
+    args = ["describe", tmp_path / "x.png", tmp_path / "after" / "x.png", "-m", tiny_model]
+    short = run([*args, "--max-new-tokens", "1", "--json"], capsys)[1]
+    beams = run([*args, "--num-beams", "3", *TOKENS], capsys)[1]
+    greedy = run([*args, *TOKENS], capsys)[1]
+    prompted = run([*args, "--prompt", "the red circle", *TOKENS], capsys)[1]
+    assert len(json.loads(short)["caption"]) < len(greedy.strip()) or json.loads(short)["caption"] == ""
+    assert beams != greedy and prompted != greedy
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tiny_model, legacy_adapter, pairs, tmp_path, capsys):
+    write_pair(tmp_path, tmp_path, "ok", pairs[0])
+    good = tmp_path / "ok.png"
+    (tmp_path / "text.png").write_text("hello")
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    other = tmp_path / "other-adapter"
+    other.mkdir()
+    (other / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["nope"]}))
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"base_model.model.nope.lora_A.weight": torch.zeros(2, 2)}, str(other / "adapter_model.safetensors"))
+    cases = [
+        (["describe", tmp_path / "missing.png", good, "-m", tiny_model], f"{tmp_path / 'missing.png'}: no such file"),
+        (["describe", good, tmp_path / "text.png", "-m", tiny_model], f"{tmp_path / 'text.png'}: not an image file"),
+        (["describe", tmp_path, good, "-m", tiny_model], f"{tmp_path}: is a folder"),
+        (["describe", good, good, "-m", tmp_path / "nope"], f"{tmp_path / 'nope'}: no such model directory"),
+        (["describe", good, good, "-m", "acme/unknown-model"], "acme/unknown-model: not in the local hub cache"),
+        (["describe", good, good, "-m", bert], f"{bert}: not a BLIP-2 model"),
+        (["describe", good, good, "-m", tiny_model, "-a", tmp_path / "no-adapter"], "no such adapter directory"),
+        (["describe", good, good, "-m", tiny_model, "-a", other], f"{other}: does not fit"),
+        (["describe", good, good, "-m", tiny_model, "--device", "tpu"], "--device must be"),
+        (["batch", tmp_path / "nope", tmp_path, "-o", tmp_path / "r.jsonl", "-m", tiny_model], "no such folder"),
+        (["batch", good, tmp_path, "-o", tmp_path / "r.jsonl", "-m", tiny_model], "is a file, expected a folder"),
+    ]
+    for argv, expected in cases:
+        code, out, err = run(argv, capsys)
+        assert code == 2, (argv, err)
+        assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+        assert "Traceback" not in err and out == ""
+
+
+def test_debug_shows_a_traceback(tmp_path, capsys):
+    code, _, err = run(["--debug", "describe", tmp_path / "a.png", tmp_path / "b.png"], capsys)
+    assert code == 2 and "Traceback" in err and err.rstrip().endswith("no such file")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_batch_pairs_folders_and_records_failures(tiny_model, folders, reference, capsys):
+    before, after, keys = folders
+    Image.new("RGB", (8, 8)).save(before / "lonely.png")
+    (after / "sub" / "orphan.png").write_bytes((after / "a.png").read_bytes())
+    (before / "notes.txt").write_text("not an image, ignored")
+    (after / "e.png").write_bytes(b"\x89PNG broken")
+    output = before.parent / "out" / "results.jsonl"
+    code, _, err = run(["batch", before, after, "-o", output, "-m", tiny_model, "--batch-size", "2", *TOKENS], capsys)
+    assert code == 1
+    assert "1 before images without a partner" in err and "lonely.png" in err
+    assert "1 after images without a partner" in err and "orphan.png" in err
+    records = {r["id"]: r for r in read_jsonl(output)}
+    assert sorted(records) == sorted(keys)
+    assert records["e"]["caption"] is None and f"{after / 'e.png'}: not an image" in records["e"]["error"]
+    for key in ["a", "b", "sub/c", "sub/deeper/d"]:
+        r = records[key]
+        assert r["error"] is None and r["caption"] == reference.describe(r["before"], r["after"]).caption
+    assert records["b"]["after"].endswith("b.jpg")
+
+
+def test_batch_resumes_after_a_cut_line_without_duplicates(tiny_model, folders, capsys):
+    before, after, keys = folders
+    output = before.parent / "results.jsonl"
+    assert run(["batch", before, after, "-o", output, "-m", tiny_model, *TOKENS], capsys)[0] == 0
+    full = output.read_text()
+    lines = full.splitlines(keepends=True)
+    output.write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])  # killed while writing line 3
+    code, _, err = run(["batch", before, after, "-o", output, "-m", tiny_model, *TOKENS], capsys)
+    assert code == 0 and "2 already in" in err and "3 to describe" in err
+    resumed = read_jsonl(output)
+    assert sorted(r["id"] for r in resumed) == sorted(keys)
+    assert [r["caption"] for r in sorted(resumed, key=lambda r: r["id"])] == \
+        [json.loads(line)["caption"] for line in sorted(full.splitlines(), key=lambda l: json.loads(l)["id"])]
+    code, _, err = run(["batch", before, after, "-o", output, "-m", tiny_model, *TOKENS], capsys)
+    assert code == 0 and "0 to describe" in err and len(read_jsonl(output)) == len(keys)
+
+
+def test_batch_killed_mid_run_loses_and_duplicates_nothing(tiny_model, tmp_path):
+    before, after = tmp_path / "before", tmp_path / "after"
+    pairs = random_pairs(40, seed=8)
+    for i, pair in enumerate(pairs):
+        write_pair(before, after, f"p{i:02d}", pair)
+    output = tmp_path / "results.jsonl"
+    argv = [sys.executable, "-m", "idc_lite", "batch", before, after, "-o", output, "-m", tiny_model,
+            "--batch-size", "1", "--max-new-tokens", "30"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([str(a) for a in argv], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and (not output.exists() or output.read_text().count("\n") < 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = output.read_text().count("\n")
+    assert 3 <= written < len(pairs), "the kill should land mid-run"
+    done = subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ids = [r["id"] for r in read_jsonl(output)]
+    assert sorted(ids) == [f"p{i:02d}" for i in range(len(pairs))]
+
+
+def test_batch_csv_and_retry_failed(tiny_model, folders, capsys):
+    before, after, keys = folders
+    broken = (after / "a.png").read_bytes()
+    (after / "a.png").write_bytes(b"junk")
+    output = before.parent / "results.csv"
+    assert run(["batch", before, after, "-o", output, "-m", tiny_model, *TOKENS], capsys)[0] == 1
+    rows = list(csv.DictReader(output.open()))
+    assert sorted(r["id"] for r in rows) == sorted(keys)
+    assert [r["id"] for r in rows if r["error"]] == ["a"]
+    assert run(["batch", before, after, "-o", output, "-m", tiny_model, *TOKENS], capsys)[0] == 1  # still failed
+    (after / "a.png").write_bytes(broken)
+    code, _, err = run(["batch", before, after, "-o", output, "-m", tiny_model, "--retry-failed", *TOKENS], capsys)
+    assert code == 0 and "1 to describe" in err
+    rows = list(csv.DictReader(output.open()))
+    assert sorted(r["id"] for r in rows) == sorted(keys) and not any(r["error"] for r in rows)
+
+
+def test_batch_reports_ambiguous_names(tiny_model, folders, capsys):
+    before, after, _ = folders
+    Image.new("RGB", (8, 8)).save(after / "a.jpg")  # a.png and a.jpg now both claim key "a"
+    output = before.parent / "results.jsonl"
+    assert run(["batch", before, after, "-o", output, "-m", tiny_model, *TOKENS], capsys)[0] == 1
+    records = {r["id"]: r for r in read_jsonl(output)}
+    assert "ambiguous" in records["a"]["error"]
+
+
+def test_version_and_help_do_not_import_torch():
+    code = ("import sys; from idc_lite.cli import main\n"
+            "for argv in (['--version'], ['--help'], ['describe', '--help'], ['batch', '--help']):\n"
+            "    try: main(argv)\n"
+            "    except SystemExit as e: assert not e.code, e.code\n"
+            "heavy = [m for m in ('torch', 'transformers', 'onnxruntime', 'numpy') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    from idc_lite import __version__
+
+    assert f"idc-lite {__version__}" in done.stdout and "describe" in done.stdout
