@@ -5,7 +5,7 @@ with random weights) and as the starting point of the demo model's training. The
 exactly the layout of a hub BLIP-2 model: ``config.json``, safetensors weights, tokenizer files,
 ``preprocessor_config.json`` and ``generation_config.json``.
 
-    python -m idc_lite.modelgen OUT_DIR            # a tiny random BLIP-2 (captions are gibberish)
+    python -m idc_lite.modelgen OUT_DIR            # a tiny BLIP-2 (captions are gibberish)
 """
 
 from __future__ import annotations
@@ -47,13 +47,16 @@ def train_tokenizer(texts, vocab_size: int = 256):
 
 
 def tiny_config(
-    vocab_size: int, image_token_id: int, image_size: int = 32, num_query_tokens: int = 4, hidden: int = 32,
-    init_std: float = 0.3, eos_token_id: int = EOS_ID,
+    vocab_size: int, image_token_id: int, image_size: int = 32, num_query_tokens: int = 4, hidden: int = 64,
+    init_std: float = 0.3, text_init_std: float = 0.02, eos_token_id: int = EOS_ID,
 ):
     """A BLIP-2 config a few layers deep: every code path runs in milliseconds.
 
-    ``init_std`` is larger than BLIP-2's 0.02 so that random weights give captions that depend on
-    the image (with 0.02 every caption is the same).
+    The vision side's ``init_std`` is larger than BLIP-2's 0.02 so that random weights give query
+    embeddings, hence captions, that depend on the image (with 0.02 every caption is the same). The
+    decoder keeps BLIP-2's own 0.02: at that scale its layers perturb the residual stream as a
+    trained model's do, so quantization error behaves as it would on a real decoder.
+    Keep ``hidden`` a multiple of 64: bitsandbytes' CPU int4 kernels need 64-wide blocks.
     """
     from transformers import Blip2Config
 
@@ -69,7 +72,8 @@ def tiny_config(
         text_config=dict(
             model_type="opt", hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
             vocab_size=vocab_size, word_embed_proj_dim=hidden, max_position_embeddings=256,
-            bos_token_id=BOS_ID, eos_token_id=eos_token_id, pad_token_id=PAD_ID, init_std=init_std,
+            bos_token_id=BOS_ID, eos_token_id=eos_token_id, pad_token_id=PAD_ID, init_std=text_init_std,
+            tie_word_embeddings=False,
         ),
         num_query_tokens=num_query_tokens,
         image_token_index=image_token_id,
@@ -106,8 +110,40 @@ def save_model(model, tokenizer, out_dir: str | Path, image_size: int) -> Path:
     return out_dir
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, texts=DEFAULT_CORPUS, image_size: int = 32, **config_overrides) -> Path:
-    """Build and save a tiny random BLIP-2 (OPT decoder) with a BPE tokenizer trained on ``texts``."""
+def warm_up_decoder(language_model, tokenizer, texts, steps: int = 100, lr: float = 1e-2) -> float:
+    """Train the OPT decoder alone on ``texts`` for a few steps; returns the last loss.
+
+    A decoder with random weights has logits without structure, so it says nothing about how
+    quantization would treat a real one; a few steps of language modelling give it the structure of
+    a trained decoder (and captions that end with EOS at different lengths) in under a second.
+    """
+    import torch
+
+    rows = [[BOS_ID, *tokenizer(t, add_special_tokens=False)["input_ids"], EOS_ID] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = ids.masked_fill(mask == 0, -100)
+    optimizer = torch.optim.AdamW(language_model.parameters(), lr=lr)
+    language_model.train()
+    for _ in range(steps):
+        loss = language_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    language_model.eval()
+    return float(loss)
+
+
+def build_tiny_model(
+    out_dir: str | Path, seed: int = 0, texts=DEFAULT_CORPUS, image_size: int = 32, decoder_steps: int = 100,
+    **config_overrides,
+) -> Path:
+    """Build and save a tiny BLIP-2 (OPT decoder) with a BPE tokenizer trained on ``texts``.
+
+    Vision encoder and Q-Former are random; the decoder is warmed up on ``texts`` (see
+    :func:`warm_up_decoder`) unless ``decoder_steps`` is 0.
+    """
     import torch
     from transformers import Blip2ForConditionalGeneration
 
@@ -115,8 +151,10 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, texts=DEFAULT_CORPUS, i
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = tiny_config(len(tokenizer), image_token_id, image_size=image_size, **config_overrides)
     torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(config).eval()
-    return save_model(model, tokenizer, out_dir, image_size)
+    model = Blip2ForConditionalGeneration(config)
+    if decoder_steps:
+        warm_up_decoder(model.language_model, tokenizer, texts, decoder_steps)
+    return save_model(model.eval(), tokenizer, out_dir, image_size)
 
 
 def main(argv=None) -> None:
