@@ -8,13 +8,13 @@ The released BLIP2IDC adapters are legacy PEFT checkpoints: ``adapter_config.jso
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AdapterError
+from .hashing import file_sha256
 from .loading import read_json
 
 CONFIG_NAME = "adapter_config.json"
@@ -41,14 +41,6 @@ class AdapterSource:
 
     def sha256(self) -> str:
         return file_sha256(self.weights)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_adapter(path: str | os.PathLike) -> AdapterSource:

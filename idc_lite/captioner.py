@@ -79,6 +79,8 @@ class Captioner:
         merge_adapter: fold the LoRA weights into the base weights after loading.
         composition: how pairs are stacked (:class:`~idc_lite.settings.CompositionSettings`).
         generation: default decoding settings (:class:`~idc_lite.settings.GenerationSettings`).
+        backend_options: passed to the lite backend: ``decoder`` (which of the artifact's decoders),
+            ``providers`` (ONNX Runtime providers) and ``threads`` (ONNX Runtime intra-op threads).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class Captioner:
         device: str = "auto", dtype: str | None = None, backend: str = "auto", revision: str | None = None,
         local_files_only: bool = False, merge_adapter: bool = False,
         composition: CompositionSettings | None = None, generation: GenerationSettings | None = None,
+        **backend_options,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -93,14 +96,15 @@ class Captioner:
             from .default_model import default_model_dir
 
             model = default_model_dir()
-        self.composition = composition or CompositionSettings()
-        self.generation = generation or GenerationSettings()
         started = time.perf_counter()
         self.backend = _load_backend(
             model, adapter, backend=backend, device=device, dtype=dtype, revision=revision,
-            local_files_only=local_files_only, merge_adapter=merge_adapter,
+            local_files_only=local_files_only, merge_adapter=merge_adapter, **backend_options,
         )
         self.load_s = time.perf_counter() - started
+        # An artifact carries the settings it was built and validated with; they are the defaults.
+        self.composition = composition or getattr(self.backend, "composition", None) or CompositionSettings()
+        self.generation = generation or getattr(self.backend, "generation", None) or GenerationSettings()
         logger.info("loaded %s (%s backend) in %.1f s", self.backend.model_id, self.backend.name, self.load_s)
 
     @property
@@ -173,16 +177,17 @@ class Captioner:
         return results
 
 
-def _load_backend(model, adapter, *, backend, **options):
-    from pathlib import Path
+def _load_backend(model, adapter, *, backend, decoder=None, providers=None, threads=None, **options):
+    from .artifact import is_artifact
 
-    is_artifact = (Path(os.fspath(model)).expanduser() / "manifest.json").is_file()
     if backend == "auto":
-        backend = "lite" if is_artifact else "reference"
+        backend = "lite" if is_artifact(model) else "reference"
     if backend == "lite":
         from .backends.lite import LiteBackend
 
-        return LiteBackend(model, adapter=adapter, **options)
+        return LiteBackend(model, adapter, device=options["device"], decoder=decoder, providers=providers, threads=threads)
+    if decoder or providers or threads:
+        raise ValueError("decoder, providers and threads apply to the lite backend only")
     from .backends.reference import ReferenceBackend
 
     return ReferenceBackend(model, adapter, **options)

@@ -58,3 +58,17 @@ def generate_kwargs(settings: GenerationSettings, tokens: TokenSettings) -> dict
 def decode(tokenizer, sequences) -> list[str]:
     """New token ids -> captions (special tokens skipped, whitespace trimmed)."""
     return [text.strip() for text in tokenizer.batch_decode(sequences, skip_special_tokens=True)]
+
+
+def inputs_embeds(language_model, query_embeds, prefix: list[int]):
+    """The decoder's input: query embeddings followed by the embedded prefix tokens.
+
+    This is what BLIP-2's ``generate`` builds by scattering the query embeddings over the image
+    tokens of ``[image] * num_query_tokens + prefix``.
+    """
+    import torch
+
+    embed = language_model.get_input_embeddings()
+    ids = torch.tensor([prefix], dtype=torch.long, device=embed.weight.device)
+    tokens = embed(ids).expand(query_embeds.shape[0], -1, -1)
+    return torch.cat([query_embeds.to(tokens.device, tokens.dtype), tokens], dim=1)

@@ -132,7 +132,7 @@ def warm_up_decoder(language_model, tokenizer, texts, steps: int = 100, lr: floa
         loss.backward()
         optimizer.step()
     language_model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def build_tiny_model(

@@ -1,0 +1,80 @@
+"""``python -m export``: build idc-lite artifacts."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from idc_lite.errors import IdcError
+
+app = typer.Typer(name="python -m export", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Build idc-lite artifacts from a BLIP-2 base and a BLIP2IDC LoRA adapter.")
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show a traceback with errors.")] = False) -> None:
+    _state["debug"] = debug
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("export", "idc_lite"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+@app.command()
+def build(
+    recipe: Annotated[Optional[str], typer.Argument(
+        help="A named recipe (see `recipes`); or give --base (and --adapter).", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to write.")] = ...,
+    base: Annotated[Optional[str], typer.Option("--base", help="BLIP-2 base: hub id or local directory.")] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision of the base.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter folder to merge.")] = None,
+    encoder_precision: Annotated[str, typer.Option("--encoder-precision", help="fp32 or fp16.")] = "fp32",
+    decoder_precision: Annotated[str, typer.Option("--decoder-precision", help="int4 (bitsandbytes NF4), fp16 or fp32.")] = "int4",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Merge, export, quantize and validate; write the artifact to OUT."""
+    from .build import build_artifact
+    from .recipes import fetch_adapter, get_recipe
+
+    name = None
+    if recipe is not None:
+        if base is not None or adapter is not None:
+            raise IdcError(recipe, "a recipe sets --base and --adapter itself; give one or the other")
+        chosen = get_recipe(recipe)
+        base, revision, name = chosen.base, revision or chosen.base_revision, chosen.name
+        adapter = fetch_adapter(chosen)
+    elif base is None:
+        raise IdcError(None, "give a recipe name or --base")
+    path = build_artifact(base, out, adapter, revision=revision, encoder_precision=encoder_precision,
+                          decoder_precision=decoder_precision, name=name, force=force)
+    typer.echo(str(path))
+
+
+@app.command()
+def recipes() -> None:
+    """List the named recipes."""
+    from .recipes import RECIPES
+
+    for recipe in RECIPES.values():
+        typer.echo(f"{recipe.name:24} {recipe.base} + {recipe.repo}/code_release/weights/{recipe.folder}: {recipe.description}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="python -m export")
+    except IdcError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

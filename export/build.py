@@ -1,0 +1,114 @@
+"""``build``: base + adapter -> merged -> ONNX encoder + decoder -> artifact directory.
+
+The artifact is assembled in ``<out>.partial`` and renamed into place only when every step, its
+validation and the manifest are done: an interrupted or failed build never leaves a half artifact
+under the real name.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import time
+from pathlib import Path
+
+from idc_lite import __version__
+from idc_lite.adapters import adapter_summary, find_adapter
+from idc_lite.artifact import write_manifest
+from idc_lite.backends.reference import ReferenceBackend
+from idc_lite.decoding import prefix_ids
+from idc_lite.settings import CompositionSettings, GenerationSettings, to_dict
+
+from .errors import ExportError
+
+logger = logging.getLogger("export")
+
+
+def build_artifact(
+    base: str, out: str | Path, adapter: str | Path | None = None, *, revision: str | None = None,
+    encoder_precision: str = "fp32", decoder_precision: str = "int4", name: str | None = None,
+    force: bool = False, local_files_only: bool = False,
+) -> Path:
+    """Build an artifact from ``base`` (hub id or directory) and an optional LoRA ``adapter``."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ExportError(out, "already exists; use --force to replace it")
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    started = time.perf_counter()
+
+    try:
+        _build_into(work, base, adapter, revision, local_files_only, encoder_precision, decoder_precision, name or out.name)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    work.rename(out)
+    logger.info("artifact written to %s in %.0f s", out, time.perf_counter() - started)
+    return out
+
+
+def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_precision, decoder_precision, name) -> None:
+    import torch
+
+    from .decoder import export_decoder
+    from .encoder import QueryEncoder, export_encoder, sample_inputs
+
+    logger.info("loading %s%s in fp32 and merging the adapter", base, f" + {adapter}" if adapter else "")
+    reference = ReferenceBackend(
+        base, adapter, revision=revision, local_files_only=local_files_only, device="cpu", dtype="float32",
+        merge_adapter=True,
+    )
+    net = reference.net
+    image_size = net.config.vision_config.image_size
+    if (reference.processor.height, reference.processor.width) != (image_size, image_size):
+        raise ExportError(reference.model_dir, f"processor size {reference.processor.height}x{reference.processor.width} "
+                          f"differs from the vision model's {image_size}x{image_size}")
+
+    encoder = export_encoder(net, work, encoder_precision, image_size)
+    with torch.inference_mode():
+        query = QueryEncoder(net).eval()(torch.from_numpy(sample_inputs(image_size, seed=2)[1]))
+    prefix = prefix_ids(reference.tokenizer, reference.tokens, None)
+    decoder_name, decoder_entry = export_decoder(net.language_model, work, decoder_precision, query, prefix)
+
+    reference.tokenizer.save_pretrained(work)
+    for extra in ("preprocessor_config.json",):
+        if (reference.model_dir / extra).is_file():
+            shutil.copyfile(reference.model_dir / extra, work / extra)
+
+    write_manifest(work, {
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "built_with": {"idc_lite": __version__, "torch": torch.__version__, "transformers": _version("transformers"),
+                       "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
+                       "bitsandbytes": _version("bitsandbytes"), "python": platform.python_version()},
+        "provenance": {
+            "base": {"id": str(base), "revision": revision, "resolved": _resolved_commit(reference.model_dir)},
+            "adapter": adapter_summary(find_adapter(adapter)) if adapter else None,
+        },
+        "composition": to_dict(CompositionSettings()),
+        "generation": to_dict(GenerationSettings()),
+        "processor": to_dict(reference.processor),
+        "tokens": to_dict(reference.tokens),
+        "encoder": encoder.as_dict(),
+        "decoders": {decoder_name: decoder_entry},
+    })
+
+
+def _resolved_commit(model_dir: Path) -> str | None:
+    """The commit of a hub snapshot (``.../snapshots/<commit>``), None for a plain directory."""
+    return model_dir.name if model_dir.parent.name == "snapshots" else None
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for candidate in (package, f"{package}-gpu"):
+        try:
+            return version(candidate)
+        except PackageNotFoundError:
+            continue
+    return None

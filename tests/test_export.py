@@ -1,0 +1,238 @@
+"""Export toolchain and lite backend: parity with the reference, validation, artifact integrity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MAX_NEW_TOKENS, random_pairs
+from export.build import build_artifact
+from export.encoder import TOLERANCES, QueryEncoder, validate_encoder
+from export.errors import AtolError, ExportError, QuantizationError, ShapeError
+from idc_lite import Captioner, GenerationSettings
+from idc_lite.artifact import load_manifest
+from idc_lite.backends.torch_decoder import load_torch_decoder
+from idc_lite.compose import compose_batch
+from idc_lite.decoding import inputs_embeds, prefix_ids
+from idc_lite.errors import ArtifactError
+
+GEN = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def artifact_fp32(tiny_model, legacy_adapter, tmp_path_factory):
+    return build_artifact(tiny_model, tmp_path_factory.mktemp("artifacts") / "fp32", legacy_adapter,
+                          decoder_precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def artifact_int4(tiny_model, legacy_adapter, tmp_path_factory):
+    return build_artifact(tiny_model, tmp_path_factory.mktemp("artifacts") / "int4", legacy_adapter)
+
+
+@pytest.fixture(scope="session")
+def adapted(tiny_model, legacy_adapter):
+    """The reference backend with the adapter, unmerged: BLIP2IDC as it was trained."""
+    return Captioner(tiny_model, legacy_adapter, generation=GEN)
+
+
+def captions(captioner, pairs, batch_size=1):
+    return [r.caption for r in captioner.describe_batch(pairs, batch_size=batch_size, generation=GEN)]
+
+
+def test_fp32_artifact_is_token_identical_to_the_reference(artifact_fp32, adapted, pairs):
+    lite = Captioner(artifact_fp32)
+    assert lite.backend.name == "lite" and lite.backend.decoder_name == "torch-fp32"
+    pixels = compose_batch(pairs, processor=lite.backend.processor)
+    assert lite.backend.generate(pixels, GEN) == adapted.backend.generate(pixels, GEN)
+    assert captions(lite, pairs, batch_size=4) == captions(adapted, pairs)
+
+
+def test_prompt_and_beams_match_the_reference(artifact_fp32, adapted, pairs):
+    lite = Captioner(artifact_fp32)
+    pixels = compose_batch(pairs, processor=lite.backend.processor)
+    for settings in (GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, num_beams=3),
+                     GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, prompt="the red circle")):
+        assert lite.backend.generate(pixels, settings) == adapted.backend.generate(pixels, settings)
+
+
+def test_onnx_encoder_matches_torch(artifact_fp32, tiny_model, legacy_adapter, pairs):
+    lite = Captioner(artifact_fp32).backend
+    merged = Captioner(tiny_model, legacy_adapter, merge_adapter=True).backend
+    pixels = compose_batch(pairs, processor=lite.processor)
+    with torch.inference_mode():
+        expected = QueryEncoder(merged.net).eval()(torch.from_numpy(pixels)).numpy()
+    got = lite.encode(pixels)
+    atol, rtol = TOLERANCES["fp32"]
+    assert got.shape == expected.shape == (len(pairs), merged.tokens.num_query_tokens, 64)
+    assert np.abs(got - expected).max() <= atol + rtol * np.abs(expected).max()
+    validation = load_manifest(artifact_fp32).encoder["validation"]
+    assert validation["max_abs_diff"] <= validation["tolerance"] and validation["inputs_checked"] >= 3
+
+
+def test_int4_decoder_logits_stay_close_to_fp32(artifact_fp32, artifact_int4, adapted, pairs, record_property):
+    lite = Captioner(artifact_int4)
+    assert lite.backend.decoder_name == "bnb-int4"
+    full = load_torch_decoder(artifact_fp32 / "decoder", "torch-fp32", "cpu")
+    quantized = lite.backend.decoder
+    assert any(type(m).__name__ == "Linear4bit" for m in quantized.modules())
+    pixels = compose_batch(random_pairs(16, seed=3), processor=lite.backend.processor)
+    query = torch.from_numpy(lite.backend.encode(pixels))
+    prefix = prefix_ids(lite.backend.tokenizer, lite.backend.tokens, None)
+    with torch.inference_mode():
+        a = full(inputs_embeds=inputs_embeds(full, query, prefix)).logits[:, -1]
+        b = quantized(inputs_embeds=inputs_embeds(quantized, query, prefix)).logits[:, -1]
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert cosine.min() >= 0.99, cosine
+    same = np.mean([x == y for x, y in zip(captions(lite, pairs), captions(adapted, pairs))])
+    record_property("int4_identical_captions", same)
+    print(f"int4 vs reference: min logits cosine {cosine.min():.4f}, identical captions {same:.0%}")
+
+
+@pytest.mark.parametrize("which", ["artifact_fp32", "artifact_int4"])
+def test_lite_batch_equals_one_by_one(which, request, pairs):
+    lite = Captioner(request.getfixturevalue(which))
+    assert captions(lite, pairs, batch_size=len(pairs)) == captions(lite, pairs)
+
+
+def test_manifest_records_provenance_and_settings(artifact_int4, tiny_model, legacy_adapter):
+    from idc_lite.hashing import file_sha256
+
+    data = load_manifest(artifact_int4).data
+    assert data["format"] == "idc-lite-artifact" and data["format_version"] == 1
+    assert data["provenance"]["base"]["id"] == str(tiny_model)
+    assert data["provenance"]["adapter"]["sha256"] == file_sha256(legacy_adapter / "adapter_model.bin")
+    assert data["generation"] == {"max_new_tokens": 77, "num_beams": 1, "prompt": None}
+    assert data["composition"]["size_policy"] == "smallest"
+    assert data["decoders"]["bnb-int4"]["quantization"]["quant_type"] == "nf4"
+    files = {p.relative_to(artifact_int4).as_posix() for p in artifact_int4.rglob("*") if p.is_file()}
+    assert set(data["files"]) == files - {"manifest.json"}
+
+
+def _broken_copies(artifact, tmp_path):
+    """(artifact dir, expected message) for each way an artifact can be damaged."""
+    cases = []
+
+    def copy(name):
+        target = tmp_path / name
+        shutil.copytree(artifact, target)
+        return target
+
+    tampered = copy("tampered")
+    data = bytearray((tampered / "encoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tampered / "encoder.onnx").write_bytes(bytes(data))
+    cases.append((tampered, f"{tampered / 'encoder.onnx'}: sha256 does not match"))
+    truncated = copy("truncated")
+    weights = truncated / "decoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    cases.append((truncated, f"{weights}: truncated or altered: 1000 bytes"))
+    missing = copy("missing")
+    (missing / "tokenizer.json").unlink()
+    cases.append((missing, f"{missing / 'tokenizer.json'}: missing from the artifact"))
+    version = copy("version")
+    manifest = json.loads((version / "manifest.json").read_text())
+    (version / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    cases.append((version, "artifact format version 99"))
+    no_manifest = copy("no-manifest")
+    (no_manifest / "manifest.json").write_text("{oops")
+    cases.append((no_manifest, "unreadable manifest"))
+    return cases
+
+
+def test_damaged_artifacts_are_caught_before_any_model_is_built(artifact_int4, tmp_path, monkeypatch):
+    import idc_lite.backends.lite as lite
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built from a damaged artifact")
+
+    monkeypatch.setattr(lite, "open_session", refuse)
+    monkeypatch.setattr(lite, "load_torch_decoder", refuse)
+    for path, message in _broken_copies(artifact_int4, tmp_path):
+        with pytest.raises(ArtifactError) as info:
+            Captioner(path, backend="lite")
+        assert message in str(info.value)
+
+
+def test_artifact_refuses_an_extra_adapter_and_unknown_decoders(artifact_int4, legacy_adapter):
+    from idc_lite.errors import AdapterError
+
+    with pytest.raises(AdapterError, match="already has its adapter merged"):
+        Captioner(artifact_int4, legacy_adapter)
+    with pytest.raises(ArtifactError, match="has no 'ort-int4' decoder; it holds bnb-int4"):
+        Captioner(artifact_int4, decoder="ort-int4")
+
+
+def test_encoder_validation_raises_typed_errors(artifact_fp32, tiny_model, monkeypatch):
+    module = QueryEncoder(Captioner(tiny_model).backend.net).eval()
+    path = artifact_fp32 / "encoder.onnx"
+    monkeypatch.setitem(TOLERANCES, "fp32", (0.0, 0.0))
+    with pytest.raises(AtolError, match="exceeds the fp32 tolerance"):
+        validate_encoder(module, path, "fp32", 32)  # the un-adapted model differs from the merged graph
+    monkeypatch.undo()
+
+    class Wrong(torch.nn.Module):
+        def forward(self, pixels):
+            return torch.zeros(pixels.shape[0], 3)
+
+    with pytest.raises(ShapeError, match="output shape"):
+        validate_encoder(Wrong(), path, "fp32", 32)
+
+
+def test_a_decoder_that_quantizes_badly_fails_the_build(tmp_path):
+    """A random (untrained) decoder loses too much in int4: the export says so and leaves nothing."""
+    from idc_lite.modelgen import build_tiny_model
+
+    random_decoder = build_tiny_model(tmp_path / "random", decoder_steps=0)
+    out = tmp_path / "artifact"
+    with pytest.raises(QuantizationError, match=r"bnb-int4 logits cosine similarity 0\.9\d+ < 0.99"):
+        build_artifact(random_decoder, out)
+    assert not out.exists() and not (tmp_path / "artifact.partial").exists()
+
+
+def test_fp16_encoder_export(tiny_model, tmp_path, pairs):
+    artifact = build_artifact(tiny_model, tmp_path / "fp16", encoder_precision="fp16", decoder_precision="fp32")
+    encoder = load_manifest(artifact).encoder
+    assert encoder["precision"] == "fp16" and encoder["validation"]["max_abs_diff"] <= encoder["validation"]["tolerance"]
+    import onnx
+
+    graph = onnx.load(str(artifact / "encoder.onnx"))
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.graph.initializer)
+    assert Captioner(artifact).describe(*pairs[0]).ok
+
+
+def test_existing_output_needs_force(tiny_model, artifact_fp32, tmp_path):
+    with pytest.raises(ExportError, match="already exists; use --force"):
+        build_artifact(tiny_model, artifact_fp32)
+
+
+def test_cli_runs_artifacts_and_reports_on_them(artifact_int4, pairs, tmp_path, capsys):
+    from PIL import Image
+
+    from idc_lite.cli import main
+
+    Image.fromarray(pairs[0][0]).save(tmp_path / "b.png")
+    Image.fromarray(pairs[0][1]).save(tmp_path / "a.png")
+    with pytest.raises(SystemExit) as info:
+        main(["describe", str(tmp_path / "b.png"), str(tmp_path / "a.png"), "-m", str(artifact_int4), "--json",
+              "--max-new-tokens", str(MAX_NEW_TOKENS), "--threads", "1"])
+    record = json.loads(capsys.readouterr().out)
+    assert not info.value.code and record["backend"] == "lite" and record["model"] == "int4"
+    assert record["caption"] == Captioner(artifact_int4).describe(*pairs[0], GEN).caption
+    with pytest.raises(SystemExit) as info:
+        main(["info", str(artifact_int4), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert not info.value.code and report["plan"] == {
+        "device": "cpu", "encoder providers": ["CPUExecutionProvider"], "decoder": "bnb-int4"}
+    assert report["files"]["encoder.onnx"]["size"] == (artifact_int4 / "encoder.onnx").stat().st_size
+    with pytest.raises(SystemExit) as info:
+        main(["info", str(artifact_int4)])
+    text = capsys.readouterr().out
+    assert "bnb-int4 (int4, logits cosine" in text and "decoder/model.safetensors" in text
+    with pytest.raises(SystemExit) as info:
+        main(["describe", str(tmp_path / "b.png"), str(tmp_path / "a.png"), "-m", str(artifact_int4), "--backend", "reference"])
+    assert info.value.code == 2 and "not a model directory" in capsys.readouterr().err
