@@ -13,6 +13,8 @@ from .._version import __version__
 from ..errors import IdcError
 from .batch import batch
 from .describe import describe
+from .info import info
+from .memory import memory
 from .synth import synth
 
 app = typer.Typer(
@@ -22,6 +24,8 @@ app = typer.Typer(
 app.command()(describe)
 app.command()(batch)
 app.command()(synth)
+app.command()(info)
+app.command()(memory)
 
 _state = {"debug": False}
 

@@ -36,6 +36,8 @@ def batch(
     num_beams: common.NumBeams = 1,
     prompt: common.Prompt = None,
     size_policy: common.SizePolicy = "smallest",
+    decoder: common.Decoder = None,
+    threads: common.Threads = None,
 ) -> None:
     """Describe every pair of BEFORE_DIR and AFTER_DIR (matched by relative path without extension)."""
     from ..folders import pair_folders
@@ -58,7 +60,7 @@ def batch(
         results.write({"id": key, "error": f"ambiguous: several images share this name ({names})"})
     if todo:
         _describe_all(todo, results, batch_size, common.build_captioner(
-            model, adapter, revision, device, backend, dtype, size_policy, max_new_tokens, num_beams, prompt))
+            model, adapter, revision, device, backend, dtype, size_policy, max_new_tokens, num_beams, prompt, decoder, threads))
     results.close()
     keys = [key for key, _, _ in found.pairs] + [key for key, _ in found.ambiguous]
     failed = sum(1 for key in keys if results.records.get(key, {}).get("error"))

@@ -19,12 +19,16 @@ MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most
 NumBeams = Annotated[int, typer.Option("--num-beams", min=1, help="Beam width (1 = greedy, as BLIP2IDC).")]
 Prompt = Annotated[Optional[str], typer.Option(
     "--prompt", help="Optional text prompt after the image (BLIP2IDC uses none).")]
+Decoder = Annotated[Optional[str], typer.Option(
+    "--decoder", help="Lite backend: which of the artifact's decoders (bnb-int4, ort-int4, torch-fp32, ...).")]
+Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="Lite backend: ONNX Runtime CPU threads.")]
 SizePolicy = Annotated[str, typer.Option(
     "--size-policy", help="Pairs of different sizes: smallest (both to the smaller size, BLIP2IDC demo), "
     "after (before resized to after, IER loaders) or strict (refuse).")]
 
 
-def build_captioner(model, adapter, revision, device, backend, dtype, size_policy, max_new_tokens, num_beams, prompt):
+def build_captioner(model, adapter, revision, device, backend, dtype, size_policy, max_new_tokens, num_beams, prompt,
+                    decoder=None, threads=None):
     """A :class:`idc_lite.Captioner` from command-line options (slow: loads the model)."""
     from ..captioner import BACKENDS, Captioner
     from ..errors import IdcError
@@ -42,7 +46,10 @@ def build_captioner(model, adapter, revision, device, backend, dtype, size_polic
         raise IdcError(None, f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if device != "auto" and device != "cpu" and not device.startswith("cuda"):
         raise IdcError(None, f"--device must be auto, cpu or cuda[:N], not {device!r}")
+    lite_options = {k: v for k, v in (("decoder", decoder), ("threads", threads)) if v is not None}
+    if lite_options and backend == "reference":
+        raise IdcError(None, "--decoder and --threads apply to the lite backend only")
     return Captioner(
         model, adapter, device=device, dtype=dtype, backend=backend, revision=revision,
-        composition=composition, generation=generation,
+        composition=composition, generation=generation, **lite_options,
     )

@@ -24,6 +24,8 @@ def describe(
     num_beams: common.NumBeams = 1,
     prompt: common.Prompt = None,
     size_policy: common.SizePolicy = "smallest",
+    decoder: common.Decoder = None,
+    threads: common.Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the caption.")] = False,
 ) -> None:
     """Say what changed between BEFORE and AFTER."""
@@ -32,7 +34,7 @@ def describe(
     for path in (before, after):  # bad input fails before the (slow) model load
         load_image(path)
     captioner = common.build_captioner(
-        model, adapter, revision, device, backend, dtype, size_policy, max_new_tokens, num_beams, prompt
+        model, adapter, revision, device, backend, dtype, size_policy, max_new_tokens, num_beams, prompt, decoder, threads
     )
     result = captioner.describe(before, after)
     if as_json:

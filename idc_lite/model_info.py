@@ -1,0 +1,77 @@
+"""A report on a model or artifact: what it holds and how it would run on this machine."""
+
+from __future__ import annotations
+
+import os
+
+from .artifact import is_artifact, load_manifest
+
+
+def describe_model(model: str | os.PathLike | None, device: str = "auto") -> dict:
+    """A JSON-ready report; checks the artifact's files (hashes) like loading it would."""
+    from .runtime import resolve_device
+
+    if model is None:
+        from .default_model import default_model_dir
+
+        model = default_model_dir()
+    device = resolve_device(device)
+    if is_artifact(model):
+        return _artifact_report(model, device)
+    return _model_report(model, device)
+
+
+def _artifact_report(path, device: str) -> dict:
+    from .backends.lite import DEFAULT_DECODERS, encoder_providers
+
+    manifest = load_manifest(path)
+    data = manifest.data
+    provenance = data.get("provenance", {})
+    adapter = provenance.get("adapter") or {}
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    decoder = next((d for d in DEFAULT_DECODERS[kind] if d in manifest.decoders), None)
+    encoder = manifest.encoder
+    summary = {
+        "format": f"{data['format']} v{data['format_version']}",
+        "base": _base(provenance.get("base") or {}),
+        "adapter": f"{adapter.get('name')} (r={adapter.get('r')}, sha256 {adapter.get('sha256', '')[:12]})" if adapter else "none",
+        "encoder": f"{encoder['file']} {encoder['precision']}, max |onnx - torch| "
+                   f"{encoder['validation']['max_abs_diff']:.2g} (tolerance {encoder['validation']['tolerance']:.2g})",
+        "decoders": ", ".join(f"{name} ({entry['precision']}, logits cosine {entry['validation']['logits_cosine_min']:.4f})"
+                              for name, entry in manifest.decoders.items()),
+        "generation": ", ".join(f"{k}={v}" for k, v in data["generation"].items()),
+        "composition": f"size policy {data['composition']['size_policy']}",
+        "built": f"{data.get('created')} with idc-lite {data.get('built_with', {}).get('idc_lite')}",
+    }
+    providers = [p[0] if isinstance(p, tuple) else p for p in encoder_providers(device)]
+    return {"name": manifest.name, "kind": "idc-lite artifact", "path": str(manifest.path), "summary": summary,
+            "files": data["files"], "manifest": data,
+            "plan": {"device": device, "encoder providers": providers, "decoder": decoder}}
+
+
+def _base(base: dict) -> str:
+    text = str(base.get("id"))
+    if base.get("revision"):
+        text += f"@{base['revision']}"
+    if base.get("resolved"):
+        text += f" (commit {base['resolved'][:12]})"
+    return text
+
+
+def _model_report(model, device: str) -> dict:
+    from pathlib import Path
+
+    from .loading import check_blip2_dir, resolve_model_dir
+
+    path = resolve_model_dir(model)
+    config = check_blip2_dir(path)
+    text, vision = config.get("text_config", {}), config.get("vision_config", {})
+    files = {p.relative_to(path).as_posix(): {"size": p.stat().st_size} for p in sorted(Path(path).rglob("*")) if p.is_file()}
+    summary = {
+        "vision": f"{vision.get('num_hidden_layers')} layers x {vision.get('hidden_size')}, {vision.get('image_size')} px",
+        "query tokens": config.get("num_query_tokens"),
+        "decoder": f"OPT {text.get('num_hidden_layers')} layers x {text.get('hidden_size')}, vocabulary {text.get('vocab_size')}",
+    }
+    dtype = "fp16" if device.startswith("cuda") else "fp32"
+    return {"name": str(model), "kind": "BLIP-2 model (reference backend)", "path": str(path), "summary": summary,
+            "files": files, "plan": {"device": device, "backend": "reference", "dtype": dtype}}
