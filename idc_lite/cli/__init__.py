@@ -13,9 +13,11 @@ from .._version import __version__
 from ..errors import IdcError
 from .batch import batch
 from .describe import describe
+from .evaluate import eval_command
 from .info import info
 from .memory import memory
 from .synth import synth
+from .train import train
 
 app = typer.Typer(
     name="idc-lite", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -26,6 +28,8 @@ app.command()(batch)
 app.command()(synth)
 app.command()(info)
 app.command()(memory)
+app.command()(train)
+app.command("eval")(eval_command)
 
 _state = {"debug": False}
 
