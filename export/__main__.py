@@ -58,6 +58,19 @@ def build(
 
 
 @app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Working folder for the stages.")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the world, the weights and the data order.")] = 0,
+    artifact: Annotated[Optional[Path], typer.Option(
+        "--artifact", help="Where to write the artifact (default OUT/artifact).")] = None,
+) -> None:
+    """Train the demo model on the synthetic world (stage 1 base, stage 2 LoRA) and export it."""
+    from .demo import build_demo
+
+    typer.echo(str(build_demo(out, seed, artifact)))
+
+
+@app.command()
 def recipes() -> None:
     """List the named recipes."""
     from .recipes import RECIPES

@@ -17,6 +17,14 @@ from .errors import AdapterError
 from .hashing import file_sha256
 from .loading import read_json
 
+#: BLIP2IDC's LoRA targets, as in its released adapter_config.json files (PEFT matches each entry
+#: against a module's full name or a "."-suffix of it): ViT fused qkv, Q-Former cross-attention
+#: query of layers 0-11 and every key and value, OPT q/k/v projections.
+BLIP2IDC_TARGET_MODULES: tuple[str, ...] = (
+    *(f"qformer.encoder.layer.{i}.crossattention.attention.query" for i in range(12)),
+    "value", "key", "qkv", "q_proj", "k_proj", "v_proj",
+)
+
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 LEGACY_NAME = "adapter_model.bin"

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .adapters import BLIP2IDC_TARGET_MODULES
 from .errors import ModelError
 
 if TYPE_CHECKING:
@@ -41,12 +42,6 @@ if TYPE_CHECKING:
 #: The config.json of the hub model Salesforce/blip2-opt-2.7b, the base of every BLIP2IDC adapter.
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "blip2-opt-2.7b.json"
 
-#: BLIP2IDC's LoRA targets, as in its released adapter_config.json files (PEFT matches each entry
-#: against a module's full name or a "."-suffix of it).
-BLIP2IDC_TARGET_MODULES: tuple[str, ...] = (
-    *(f"qformer.encoder.layer.{i}.crossattention.attention.query" for i in range(12)),
-    "value", "key", "qkv", "q_proj", "k_proj", "v_proj",
-)
 
 LORA_RANKS = (8, 16, 32)
 PRECISIONS = ("fp32", "fp16", "int8", "int4")

@@ -1,0 +1,166 @@
+"""The demo recipe: a small BLIP-2 trained on the synthetic world, the way BLIP2IDC was built.
+
+    python -m export demo --out runs/demo [--seed 0]
+
+1. **tokenizer**: byte-level BPE (up to 2k tokens) trained on the world's captions;
+2. **stage 1, base**: a small ``Blip2ForConditionalGeneration`` trained from scratch, every weight,
+   on single scenes captioned by their contents ("a large red circle and a small blue star on a
+   beige background") — the stand-in for BLIP-2's pre-training;
+3. **stage 2, BLIP2IDC**: LoRA with BLIP2IDC's targets on the stage-1 base, on vertically stacked
+   (before, after) pairs of the world and their change captions;
+4. **export**: merge, ONNX encoder, int4 decoders, manifest -> the artifact shipped as idc-lite's
+   default model.
+
+Every stage writes into ``OUT/<stage>`` and is skipped when already complete; an interrupted stage
+resumes from its checkpoint. Examples are generated on the fly from (split, seed, index), so a seed
+reproduces the run; validation uses the world's ``val`` split, evaluation its ``test`` split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from idc_lite.settings import CompositionSettings, ProcessorSettings
+
+logger = logging.getLogger("export")
+
+IMAGE_SIZE = 160
+#: Sizes chosen to train on 2 CPU cores in about an hour (see README "Embedded default model").
+VISION = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=3,
+              image_size=IMAGE_SIZE, patch_size=16)
+QFORMER = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=2, num_attention_heads=3,
+               encoder_hidden_size=192, cross_attention_frequency=1)
+TEXT = dict(hidden_size=256, ffn_dim=1024, num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=256,
+            max_position_embeddings=128)
+NUM_QUERY_TOKENS = 16
+VOCAB_SIZE = 2000
+
+
+class SceneSource:
+    """Stage 1 examples: single scenes of ``split`` and their content captions, on the fly."""
+
+    def __init__(self, split: str, seed: int, processor: ProcessorSettings):
+        self.split, self.seed, self.processor = split, seed, processor
+
+    def examples(self, start: int, stop: int):
+        from idc_lite.compose import preprocess
+        from idc_lite.synth import SPLIT_IDS, describe_scene, random_scene, render_scene
+
+        pixels, captions = [], []
+        for index in range(start, stop):
+            rng = np.random.default_rng([SPLIT_IDS[self.split], self.seed, index, 1])
+            scene = random_scene(rng)
+            pixels.append(preprocess(render_scene(scene), self.processor))
+            captions.append(describe_scene(scene))
+        return np.stack(pixels), captions
+
+
+class PairSource:
+    """Stage 2 examples: stacked pairs of ``split`` with one of their references, on the fly."""
+
+    def __init__(self, split: str, seed: int, processor: ProcessorSettings,
+                 composition: CompositionSettings = CompositionSettings()):
+        self.split, self.seed, self.processor, self.composition = split, seed, processor, composition
+
+    def examples(self, start: int, stop: int):
+        from idc_lite.compose import compose_pair
+        from idc_lite.synth import generate_pair
+
+        pixels, captions = [], []
+        for index in range(start, stop):
+            pair = generate_pair(index, seed=self.seed, split=self.split)
+            pixels.append(compose_pair(pair.before, pair.after, self.composition, self.processor))
+            pick = np.random.default_rng([self.seed, index, 2]).integers(len(pair.references))
+            captions.append(pair.references[int(pick)])
+        return np.stack(pixels), captions
+
+
+def caption_corpus(seed: int, n: int = 4000) -> list[str]:
+    """Captions of the world's training split: change references and scene descriptions."""
+    from idc_lite.synth import SPLIT_IDS, describe_scene, generate_pair, random_scene
+
+    texts = []
+    for index in range(n):
+        texts.extend(generate_pair(index, seed=seed, split="train").references)
+        texts.append(describe_scene(random_scene(np.random.default_rng([SPLIT_IDS["train"], seed, index, 1]))))
+    return texts
+
+
+def build_base(out: Path, seed: int) -> Path:
+    """An untrained demo-sized BLIP-2 with the world's tokenizer (stage 1's starting point)."""
+    import torch
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    from idc_lite.modelgen import BOS_ID, EOS_ID, IMAGE_TOKEN, PAD_ID, save_model, train_tokenizer
+
+    tokenizer = train_tokenizer(caption_corpus(seed), vocab_size=VOCAB_SIZE)
+    config = Blip2Config(
+        vision_config=VISION, qformer_config=QFORMER,
+        text_config=dict(model_type="opt", vocab_size=len(tokenizer), bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                         pad_token_id=PAD_ID, **TEXT),
+        num_query_tokens=NUM_QUERY_TOKENS, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    torch.manual_seed(seed)
+    return save_model(Blip2ForConditionalGeneration(config), tokenizer, out, IMAGE_SIZE)
+
+
+#: Stage settings. Stage 1 trains from scratch, so it uses a from-scratch learning rate.
+STAGE1 = dict(mode="full", lr=5e-4, batch_size=32, max_steps=2500, val_every=250, patience=4, warmup_steps=100)
+STAGE2 = dict(mode="lora", rank=32, batch_size=32, max_steps=3000, val_every=250, patience=4, warmup_steps=50)
+VAL_EXAMPLES = 256
+
+
+def train_stage(model_dir: Path, out: Path, source, val_source, seed: int, **settings) -> dict:
+    """Run (or resume) one training stage; skipped when ``out/done.json`` says it finished."""
+    import json
+
+    from tqdm import tqdm
+
+    from idc_lite.training import Trainer, TrainSettings, validation_batches
+
+    done = out / "done.json"
+    if done.is_file():
+        logger.info("%s: already trained", out.name)
+        return json.loads(done.read_text())
+    trainer_settings = TrainSettings(seed=seed, **settings)
+    val = validation_batches(val_source, VAL_EXAMPLES, trainer_settings.batch_size)
+    bar = tqdm(total=trainer_settings.max_steps, desc=out.name, file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def progress(step, total, record):
+        bar.n = step
+        bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k != "step"}, refresh=True)
+        if "val_loss" in record:
+            logger.info("%s step %d: loss %.4f, validation loss %.4f", out.name, step, record["loss"], record["val_loss"])
+
+    trainer = Trainer(model_dir, out, trainer_settings, source, val, progress=progress)
+    bar.n = trainer.step
+    summary = trainer.run()
+    bar.close()
+    summary["history"] = trainer.history
+    done.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def build_demo(out: Path, seed: int = 0, artifact: Path | None = None) -> Path:
+    """Run every stage of the recipe into ``out``; returns the artifact directory."""
+    from idc_lite.settings import ProcessorSettings
+
+    from .build import build_artifact
+
+    base = out / "base"
+    if not (base / "config.json").is_file():
+        logger.info("building the demo base model and its tokenizer")
+        build_base(base, seed)
+    processor = ProcessorSettings.from_model_dir(base)
+    train_stage(base, out / "stage1", SceneSource("train", seed, processor), SceneSource("val", seed, processor),
+                seed, **STAGE1)
+    stage1 = out / "stage1" / "best"
+    train_stage(stage1, out / "stage2", PairSource("train", seed, processor), PairSource("val", seed, processor),
+                seed, **STAGE2)
+    artifact = artifact or out / "artifact"
+    return build_artifact(stage1, artifact, out / "stage2" / "best", name="idc-lite-demo", force=True)

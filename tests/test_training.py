@@ -1,0 +1,125 @@
+"""Training: the loss, BLIP2IDC's LoRA config, checkpoints that resume exactly, early stopping, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import MAX_NEW_TOKENS
+from idc_lite import Captioner, GenerationSettings
+from idc_lite.cli import main
+from idc_lite.datasets import read_jsonl
+from idc_lite.errors import IdcError
+from idc_lite.settings import CompositionSettings, ProcessorSettings
+from idc_lite.training import CaptionBatcher, RecordSource, Trainer, TrainSettings, validation_batches
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from idc_lite.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("world")
+    return write_dataset(root / "train", 12, split="train"), write_dataset(root / "val", 4, split="val")
+
+
+def sources(tiny_model, world):
+    processor = ProcessorSettings.from_model_dir(tiny_model)
+    train = RecordSource(read_jsonl(world[0]), CompositionSettings(), processor, seed=0)
+    val = validation_batches(RecordSource(read_jsonl(world[1]), CompositionSettings(), processor, shuffle=False), 4, 4)
+    return train, val
+
+
+def test_labels_cover_the_caption_and_eos_only(reference):
+    tokens = reference.backend.tokens
+    batcher = CaptionBatcher(reference.backend.tokenizer, tokens, max_caption_tokens=40)
+    ids, mask, labels = batcher(["a red circle was added", "nothing changed"])
+    prefix = tokens.num_query_tokens + 1
+    assert (labels[:, :prefix] == -100).all()
+    for row in range(2):
+        n = int(mask[row].sum())
+        assert (labels[row, prefix:n] == ids[row, prefix:n]).all() and labels[row, n - 1] == tokens.eos_token_ids[0]
+        assert (labels[row, n:] == -100).all() and (ids[row, n:] == tokens.pad_token_id).all()
+
+
+def test_padding_does_not_change_the_loss(tiny_model, world):
+    """The loss of a padded batch is the token-weighted mean of each caption's own loss."""
+    train, val = sources(tiny_model, world)
+    trainer = Trainer(tiny_model, world[0].parent.parent / "unused", TrainSettings(mode="full"), train, val)
+    trainer.net.eval()
+    pixels, _ = train.examples(0, 2)
+    captions = ["a small red circle was added in the lower right corner", "nothing changed"]
+    with torch.inference_mode():
+        joint = float(trainer._loss(pixels, captions))
+        singles = [float(trainer._loss(pixels[i:i + 1], captions[i:i + 1])) for i in range(2)]
+    counts = [int((trainer.batcher([c])[2] != -100).sum()) for c in captions]
+    assert joint == pytest.approx(sum(l * n for l, n in zip(singles, counts)) / sum(counts), rel=1e-5)
+
+
+def test_lora_follows_blip2idc_and_the_best_adapter_loads(tiny_model, world, tmp_path):
+    train, val = sources(tiny_model, world)
+    settings = TrainSettings(rank=4, lr=5e-3, batch_size=4, max_steps=4, val_every=2, warmup_steps=0)
+    summary = Trainer(tiny_model, tmp_path, settings, train, val).run()
+    assert summary["steps"] == 4 and summary["stopped"] == "max steps"
+    config = json.loads((tmp_path / "best" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["bias"]) == (4, 8, 0.05, "none")
+    assert {"qkv", "key", "value", "q_proj", "k_proj", "v_proj", "qformer.encoder.layer.0.crossattention.attention.query"} \
+        <= set(config["target_modules"])
+    assert (tmp_path / "best" / "adapter_model.safetensors").is_file()
+    generation = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+    tuned = Captioner(tiny_model, tmp_path / "best", generation=generation)
+    pairs = [(r.before, r.after) for r in read_jsonl(world[1])]
+    base = Captioner(tiny_model, generation=generation)
+    assert [r.caption for r in tuned.describe_batch(pairs)] != [r.caption for r in base.describe_batch(pairs)]
+
+
+def test_training_reduces_the_loss(tiny_model, world, tmp_path):
+    train, val = sources(tiny_model, world)
+    trainer = Trainer(tiny_model, tmp_path, TrainSettings(mode="full", lr=3e-3, batch_size=4, max_steps=12,
+                                                          val_every=12, warmup_steps=0), train, val)
+    before = trainer.validate()
+    trainer.run()
+    assert trainer.validate() < 0.8 * before
+
+
+def test_an_interrupted_run_resumes_exactly(tiny_model, world, tmp_path):
+    train, val = sources(tiny_model, world)
+    settings = dict(rank=4, lr=5e-3, batch_size=4, val_every=2, warmup_steps=2)
+    Trainer(tiny_model, tmp_path / "straight", TrainSettings(max_steps=6, **settings), train, val).run()
+    Trainer(tiny_model, tmp_path / "resumed", TrainSettings(max_steps=4, **settings), train, val).run()
+    resumed = Trainer(tiny_model, tmp_path / "resumed", TrainSettings(max_steps=6, **settings), train, val)
+    assert resumed.step == 4
+    resumed.run()
+    a = load_file(str(tmp_path / "straight" / "checkpoint" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoint" / "trainable.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-7)
+    with pytest.raises(IdcError, match="checkpoint of another training run"):
+        Trainer(tiny_model, tmp_path / "resumed", TrainSettings(max_steps=6, **{**settings, "rank": 8}), train, val)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tiny_model, world, tmp_path):
+    train, val = sources(tiny_model, world)
+    settings = TrainSettings(mode="full", lr=1.0, batch_size=4, max_steps=20, val_every=1, patience=2, warmup_steps=0)
+    summary = Trainer(tiny_model, tmp_path, settings, train, val).run()
+    assert summary["stopped"] == "early stopping" and summary["steps"] < 20
+    history = json.loads((tmp_path / "checkpoint" / "state.json").read_text())["history"]
+    assert summary["best_val_loss"] == min(h["val_loss"] for h in history)
+    assert (tmp_path / "best" / "config.json").is_file()
+
+
+def test_train_cli(tiny_model, world, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(world[0]), "-m", str(tiny_model), "-o", str(out), "--rank", "4", "--batch-size", "4",
+              "--max-steps", "2", "--val-every", "1"])
+    captured = capsys.readouterr()
+    assert not info.value.code and captured.out.strip() == str(out / "best")
+    assert "11 training pairs, 1 validation pairs; lr 5e-05" in captured.err
+    assert (out / "best" / "adapter_model.safetensors").is_file()
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(tmp_path / "none.jsonl"), "-m", str(tiny_model), "-o", str(out)])
+    assert info.value.code == 2 and "none.jsonl" in capsys.readouterr().err
