@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
-import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,12 +12,10 @@ from idc_lite.errors import IdcError
 
 app = typer.Typer(name="python -m export", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Build idc-lite artifacts from a BLIP-2 base and a BLIP2IDC LoRA adapter.")
-_state = {"debug": False}
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show a traceback with errors.")] = False) -> None:
-    _state["debug"] = debug
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show a traceback with errors (read by run_app).")] = False) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     for name in ("export", "idc_lite"):
@@ -36,7 +32,12 @@ def build(
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision of the base.")] = None,
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter folder to merge.")] = None,
     encoder_precision: Annotated[str, typer.Option("--encoder-precision", help="fp32 or fp16.")] = "fp32",
-    decoder_precision: Annotated[str, typer.Option("--decoder-precision", help="int4 (bitsandbytes NF4), fp16 or fp32.")] = "int4",
+    decoder_precision: Annotated[Optional[str], typer.Option(
+        "--decoder-precision", help="int4 (bnb-int4 + ort-int4, the default), fp16 (torch-fp16) or fp32 (torch-fp32).",
+        show_default=False)] = None,
+    decoder: Annotated[Optional[list[str]], typer.Option(
+        "--decoder", help="A decoder to build, repeatable: bnb-int4, ort-int4, ort-fp32, torch-fp16 or torch-fp32 "
+        "(instead of --decoder-precision).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Merge, export, quantize and validate; write the artifact to OUT."""
@@ -53,7 +54,7 @@ def build(
     elif base is None:
         raise IdcError(None, "give a recipe name or --base")
     path = build_artifact(base, out, adapter, revision=revision, encoder_precision=encoder_precision,
-                          decoder_precision=decoder_precision, name=name, force=force)
+                          decoder_precision=decoder_precision, decoders=decoder or None, name=name, force=force)
     typer.echo(str(path))
 
 
@@ -80,13 +81,9 @@ def recipes() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        app(args=argv, prog_name="python -m export")
-    except IdcError as exc:
-        if _state["debug"]:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    from idc_lite.cli import run_app
+
+    run_app(app, argv, "python -m export")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ reproduces the run; validation uses the world's ``val`` split, evaluation its ``
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from pathlib import Path
 

@@ -31,9 +31,6 @@ app.command()(memory)
 app.command()(train)
 app.command("eval")(eval_command)
 
-_state = {"debug": False}
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"idc-lite {__version__}")
@@ -47,16 +44,23 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show a traceback with errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what is being done.")] = False,
 ) -> None:
-    _state["debug"] = debug
     logging.basicConfig(level=logging.INFO if verbose or debug else logging.WARNING, format="%(message)s")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+def run_app(typer_app: typer.Typer, argv: list[str] | None, prog_name: str) -> None:
+    """Run a Typer app; an :class:`IdcError` becomes one line on stderr and exit code 2.
+
+    Anything else is a bug and keeps its traceback; ``--debug`` shows the traceback of user errors too.
+    """
     try:
-        app(args=argv, prog_name="idc-lite")
+        typer_app(args=argv, prog_name=prog_name)
     except IdcError as exc:
-        if _state["debug"]:
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``idc-lite`` entry point."""
+    run_app(app, argv, "idc-lite")

@@ -59,8 +59,11 @@ def batch(
         names = ", ".join(str(f) for f in files)
         results.write({"id": key, "error": f"ambiguous: several images share this name ({names})"})
     if todo:
-        _describe_all(todo, results, batch_size, common.build_captioner(
-            model, adapter, revision, device, backend, dtype, size_policy, max_new_tokens, num_beams, prompt, decoder, threads))
+        captioner = common.build_captioner(
+            model, adapter, revision, device, backend, dtype, size_policy, max_new_tokens, num_beams, prompt, decoder, threads)
+        default = " (the embedded default)" if model is None else ""
+        typer.echo(f"model: {captioner.model_id}{default}, {captioner.backend.name} backend", err=True)
+        _describe_all(todo, results, batch_size, captioner)
     results.close()
     keys = [key for key, _, _ in found.pairs] + [key for key, _ in found.ambiguous]
     failed = sum(1 for key in keys if results.records.get(key, {}).get("error"))

@@ -37,6 +37,8 @@ def describe(
         model, adapter, revision, device, backend, dtype, size_policy, max_new_tokens, num_beams, prompt, decoder, threads
     )
     result = captioner.describe(before, after)
+    if model is None:
+        typer.echo(f"(model: {result.model}, the embedded default; --model picks another)", err=True)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
     else:
