@@ -1,4 +1,9 @@
-"""``build``: base + adapter -> merged -> ONNX encoder + decoder -> artifact directory.
+"""``build``: base + adapter -> merged -> ONNX encoder + decoders -> artifact directory.
+
+An artifact holds one or more decoders: at most one torch decoder (``bnb-int4``, ``torch-fp16`` or
+``torch-fp32``, in ``decoder/``) and any of the ONNX Runtime ones (``ort-int4``, ``ort-fp32``, each
+in its own folder). The default build holds ``bnb-int4`` (the decoder on CUDA) and ``ort-int4``
+(the decoder on CPU).
 
 The artifact is assembled in ``<out>.partial`` and renamed into place only when every step, its
 validation and the manifest are done: an interrupted or failed build never leaves a half artifact
@@ -16,7 +21,9 @@ from pathlib import Path
 from idc_lite import __version__
 from idc_lite.adapters import adapter_summary, find_adapter
 from idc_lite.artifact import write_manifest
+from idc_lite.backends.ort_decoder import ORT_DECODERS
 from idc_lite.backends.reference import ReferenceBackend
+from idc_lite.backends.torch_decoder import TORCH_DECODERS
 from idc_lite.decoding import prefix_ids
 from idc_lite.settings import CompositionSettings, GenerationSettings, to_dict
 
@@ -24,13 +31,41 @@ from .errors import ExportError
 
 logger = logging.getLogger("export")
 
+#: The decoders a ``decoder_precision`` builds when no decoder names are given.
+DECODERS_BY_PRECISION = {"int4": ("bnb-int4", "ort-int4"), "fp16": ("torch-fp16",), "fp32": ("torch-fp32",)}
+
+
+def decoder_names(decoder_precision: str | None = None, decoders=None) -> tuple[str, ...]:
+    """The decoders to build: named ones, or those of ``decoder_precision`` (default int4)."""
+    if decoders is not None and decoder_precision is not None:
+        raise ExportError(None, "give decoder names or a decoder precision, not both")
+    if decoders is None:
+        precision = decoder_precision or "int4"
+        if precision not in DECODERS_BY_PRECISION:
+            raise ExportError(None, f"decoder precision must be one of {', '.join(DECODERS_BY_PRECISION)}, "
+                              f"not {precision!r}")
+        return DECODERS_BY_PRECISION[precision]
+    names = tuple(dict.fromkeys(decoders))
+    known = (*TORCH_DECODERS, *ORT_DECODERS)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ExportError(None, f"decoders must be among {', '.join(known)}, not {', '.join(unknown) or 'none'}")
+    if sum(n in TORCH_DECODERS for n in names) > 1:
+        raise ExportError(None, f"an artifact holds at most one torch decoder ({', '.join(TORCH_DECODERS)})")
+    return names
+
 
 def build_artifact(
     base: str, out: str | Path, adapter: str | Path | None = None, *, revision: str | None = None,
-    encoder_precision: str = "fp32", decoder_precision: str = "int4", name: str | None = None,
+    encoder_precision: str = "fp32", decoder_precision: str | None = None, decoders=None, name: str | None = None,
     force: bool = False, local_files_only: bool = False,
 ) -> Path:
-    """Build an artifact from ``base`` (hub id or directory) and an optional LoRA ``adapter``."""
+    """Build an artifact from ``base`` (hub id or directory) and an optional LoRA ``adapter``.
+
+    ``decoders`` names the decoders to build (e.g. ``("bnb-int4", "ort-int4")``); without it,
+    ``decoder_precision`` picks them (:data:`DECODERS_BY_PRECISION`; int4 by default).
+    """
+    names = decoder_names(decoder_precision, decoders)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ExportError(out, "already exists; use --force to replace it")
@@ -40,7 +75,7 @@ def build_artifact(
     started = time.perf_counter()
 
     try:
-        _build_into(work, base, adapter, revision, local_files_only, encoder_precision, decoder_precision, name or out.name)
+        _build_into(work, base, adapter, revision, local_files_only, encoder_precision, names, name or out.name)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -51,11 +86,12 @@ def build_artifact(
     return out
 
 
-def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_precision, decoder_precision, name) -> None:
+def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_precision, decoders, name) -> None:
     import torch
 
     from .decoder import export_decoder
     from .encoder import QueryEncoder, export_encoder, sample_inputs
+    from .ort_decoder import export_ort_decoder
 
     logger.info("loading %s%s in fp32 and merging the adapter", base, f" + {adapter}" if adapter else "")
     reference = ReferenceBackend(
@@ -72,7 +108,13 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
     with torch.inference_mode():
         query = QueryEncoder(net).eval()(torch.from_numpy(sample_inputs(image_size, seed=2)[1]))
     prefix = prefix_ids(reference.tokenizer, reference.tokens, None)
-    decoder_name, decoder_entry = export_decoder(net.language_model, work, decoder_precision, query, prefix)
+    entries = {}
+    for decoder in decoders:
+        if decoder in TORCH_DECODERS:
+            got, entry = export_decoder(net.language_model, work, TORCH_DECODERS[decoder], query, prefix)
+        else:
+            got, entry = export_ort_decoder(net.language_model, work, ORT_DECODERS[decoder], query, prefix)
+        entries[got] = entry
 
     reference.tokenizer.save_pretrained(work)
     for extra in ("preprocessor_config.json",):
@@ -94,7 +136,7 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
         "processor": to_dict(reference.processor),
         "tokens": to_dict(reference.tokens),
         "encoder": encoder.as_dict(),
-        "decoders": {decoder_name: decoder_entry},
+        "decoders": entries,
     })
 
 

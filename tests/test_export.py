@@ -75,7 +75,7 @@ def test_onnx_encoder_matches_torch(artifact_fp32, tiny_model, legacy_adapter, p
 
 
 def test_int4_decoder_logits_stay_close_to_fp32(artifact_fp32, artifact_int4, adapted, pairs, record_property):
-    lite = Captioner(artifact_int4)
+    lite = Captioner(artifact_int4, decoder="bnb-int4")
     assert lite.backend.decoder_name == "bnb-int4"
     full = load_torch_decoder(artifact_fp32 / "decoder", "torch-fp32", "cpu")
     quantized = lite.backend.decoder
@@ -163,8 +163,8 @@ def test_artifact_refuses_an_extra_adapter_and_unknown_decoders(artifact_int4, l
 
     with pytest.raises(AdapterError, match="already has its adapter merged"):
         Captioner(artifact_int4, legacy_adapter)
-    with pytest.raises(ArtifactError, match="has no 'ort-int4' decoder; it holds bnb-int4"):
-        Captioner(artifact_int4, decoder="ort-int4")
+    with pytest.raises(ArtifactError, match="has no 'ort-fp32' decoder; it holds bnb-int4, ort-int4"):
+        Captioner(artifact_int4, decoder="ort-fp32")
 
 
 def test_encoder_validation_raises_typed_errors(artifact_fp32, tiny_model, monkeypatch):
@@ -227,7 +227,7 @@ def test_cli_runs_artifacts_and_reports_on_them(artifact_int4, pairs, tmp_path, 
         main(["info", str(artifact_int4), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert not info.value.code and report["plan"] == {
-        "device": "cpu", "encoder providers": ["CPUExecutionProvider"], "decoder": "bnb-int4"}
+        "device": "cpu", "encoder providers": ["CPUExecutionProvider"], "decoder": "ort-int4"}
     assert report["files"]["encoder.onnx"]["size"] == (artifact_int4 / "encoder.onnx").stat().st_size
     with pytest.raises(SystemExit) as info:
         main(["info", str(artifact_int4)])

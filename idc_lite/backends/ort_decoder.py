@@ -1,0 +1,243 @@
+"""The OPT decoder under ONNX Runtime (``ort-int4``, ``ort-fp32``): greedy and beam search in numpy.
+
+The decoder graph (written by ``export/ort_decoder.py``) holds the token embedding table, the OPT
+layers and the LM head; its KV cache goes in and out as one key and one value tensor per layer.
+The cache never comes back to Python: it stays in ONNX Runtime's memory, bound from one step's
+outputs to the next step's inputs (I/O binding, on the GPU under CUDA and in host memory on CPU),
+and the graph's ``beam_idx`` input picks the cache rows each new row continues, which is how beam
+search reorders it and how finished greedy rows are dropped, without a copy through numpy.
+
+Decoding reproduces transformers' ``generate`` as :func:`idc_lite.decoding.generate_kwargs` calls
+it, token for token: greedy stops a row at an EOS id and pads it with ``pad_token_id`` after that;
+beam search is transformers' vectorised beam search (top ``max(2, 1 + n_eos) * num_beams``
+candidates per step, hypotheses scored ``sum logprobs / generated_len ** length_penalty``,
+``early_stopping=False`` heuristic, best hypothesis returned, padded). Its arithmetic is
+transformers' own, in float32 and in the same order, so that scores round alike and ties break
+alike (lowest index first) wherever the logits agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError
+from ..settings import GenerationSettings, TokenSettings
+
+logger = logging.getLogger("idc_lite")
+
+#: ONNX Runtime decoder names in a manifest -> weight precision of their MatMuls.
+ORT_DECODERS = {"ort-int4": "int4", "ort-fp32": "fp32"}
+
+#: Graph inputs and outputs (the per-layer cache names come from :func:`past_names`).
+INPUTS = ("inputs_embeds", "input_ids", "attention_mask", "beam_idx")
+LOGITS = "logits"
+
+
+def past_names(num_layers: int, prefix: str = "past") -> list[str]:
+    """``past.0.key, past.0.value, past.1.key, ...`` (``prefix="present"`` for the outputs)."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def load_ort_decoder(directory: Path, entry: dict, device: str, providers: list[str] | None = None,
+                     threads: int | None = None) -> "OrtDecoder":
+    """Open an artifact's ONNX Runtime decoder (``entry`` is its manifest entry) on ``device``."""
+    from .lite import open_session
+
+    path = Path(directory) / entry["graph"]
+    return OrtDecoder(open_session(path, device, providers, threads), entry, path)
+
+
+class OrtDecoder:
+    """Generation with an ONNX Runtime decoder session; see the module docstring."""
+
+    def __init__(self, session, entry: dict, path: Path | None = None):
+        self.session = session
+        self.entry = entry
+        shape = entry["shape"]
+        self.num_layers, self.num_heads, self.head_dim = shape["layers"], shape["heads"], shape["head_dim"]
+        self.hidden_size, self.vocab_size = shape["hidden_size"], shape["vocab_size"]
+        self.past = past_names(self.num_layers)
+        self.present = past_names(self.num_layers, "present")
+        names = {i.name for i in session.get_inputs()}
+        missing = [n for n in (*INPUTS, *self.past) if n not in names]
+        if missing:
+            raise ArtifactError(path or entry.get("graph"), f"the decoder graph lacks inputs {', '.join(missing)}; "
+                                "re-export the artifact with this version of idc-lite")
+        provider = session.get_providers()[0]
+        self.device_type = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+        options = session.get_provider_options().get(provider, {})
+        self.device_id = int(options.get("device_id", 0))
+
+    # -- one forward step -------------------------------------------------------------------
+
+    def _step(self, embeds: np.ndarray, ids: np.ndarray, total_len: int, beam_idx: np.ndarray, past):
+        """Run the graph once; return (last-position logits as numpy, present cache as OrtValues).
+
+        ``past`` is None for the prefill (an empty cache) or the previous step's OrtValues, which
+        are bound as they are, on whatever device holds them.
+        """
+        # Host inputs stay referenced here until the run is over (ONNX Runtime may read their memory).
+        host = {
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
+            "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
+            "attention_mask": np.ones((ids.shape[0], total_len), dtype=np.int64),
+            "beam_idx": np.ascontiguousarray(beam_idx, dtype=np.int64),
+        }
+        if past is None:
+            empty = np.zeros((len(beam_idx), self.num_heads, 0, self.head_dim), dtype=np.float32)
+            host.update(dict.fromkeys(self.past, empty))
+        binding = self.session.io_binding()
+        for name, array in host.items():
+            binding.bind_cpu_input(name, array)
+        if past is not None:
+            for name, value in zip(self.past, past):
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output(LOGITS, "cpu")
+        for name in self.present:
+            binding.bind_output(name, self.device_type, self.device_id)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), outputs[1:]
+
+    # -- generation -------------------------------------------------------------------------
+
+    def generate(self, query_embeds: np.ndarray, prefix: list[int], settings: GenerationSettings,
+                 tokens: TokenSettings) -> list[list[int]]:
+        """New token ids per batch item, padded to the longest, as transformers' ``generate`` returns them."""
+        from ..decoding import generate_kwargs
+
+        options = generate_kwargs(settings, tokens)
+        unsupported = options["do_sample"] or options["early_stopping"] is not False \
+            or options["repetition_penalty"] != 1.0 or options["no_repeat_ngram_size"]
+        if unsupported:
+            raise NotImplementedError("the ONNX Runtime decoder implements greedy and beam search without sampling, "
+                                      "early stopping or repetition penalties only")
+        query = np.ascontiguousarray(query_embeds, dtype=np.float32)
+        if query.ndim != 3 or query.shape[2] != self.hidden_size:
+            raise ValueError(f"query embeddings of shape {query.shape}, the decoder takes (batch, n, {self.hidden_size})")
+        if options["num_beams"] == 1:
+            return self._greedy(query, prefix, options)
+        return self._beam_search(query, prefix, options)
+
+    def _greedy(self, query: np.ndarray, prefix: list[int], options: dict) -> list[list[int]]:
+        batch = query.shape[0]
+        eos = np.asarray(options["eos_token_id"], dtype=np.int64)
+        ids = np.tile(np.asarray(prefix, dtype=np.int64), (batch, 1))
+        total = query.shape[1] + ids.shape[1]
+        logits, past = self._step(query, ids, total, np.arange(batch), None)
+        rows = np.arange(batch)  # batch item of each row still running
+        out = [[] for _ in range(batch)]
+        for step in range(options["max_new_tokens"]):
+            next_tokens = logits.argmax(-1)
+            for row, token in zip(rows, next_tokens):
+                out[row].append(int(token))
+            running = ~np.isin(next_tokens, eos)
+            if step + 1 == options["max_new_tokens"] or not running.any():
+                break
+            # Finished rows are dropped: transformers feeds them pad tokens whose logits it never reads.
+            keep = np.flatnonzero(running)
+            rows, total = rows[keep], total + 1
+            logits, past = self._step(self._no_embeds(len(keep)), next_tokens[keep, None], total, keep, past)
+        return _pad(out, options["pad_token_id"])
+
+    def _beam_search(self, query: np.ndarray, prefix: list[int], options: dict) -> list[list[int]]:
+        """transformers' ``_beam_search`` (length_penalty, early_stopping=False), in numpy float32."""
+        batch, beams, vocab = query.shape[0], options["num_beams"], self.vocab_size
+        max_new = options["max_new_tokens"]
+        eos = np.asarray(options["eos_token_id"], dtype=np.int64)
+        length_penalty = float(options["length_penalty"])
+        pad = options["pad_token_id"]
+        fill = pad if pad else int(eos[0])  # transformers: `pad_token_id or eos_token_id[0]`
+        keep_k = max(2, 1 + len(eos)) * beams
+        top_beams = np.arange(keep_k) < beams
+        neg = np.float32(-1.0e9)
+
+        ids = np.tile(np.asarray(prefix, dtype=np.int64), (batch, 1))
+        total = query.shape[1] + ids.shape[1]
+        # The prefill runs once per batch item; its cache rows are then repeated for the beams.
+        logits, past = self._step(query, ids, total, np.arange(batch), None)
+        logits = np.repeat(logits, beams, axis=0)
+        cache_rows = np.repeat(np.arange(batch), beams)  # cache row of each (item, beam); then one row each
+        source_rows = np.arange(batch * beams)
+
+        running = np.full((batch, beams, max_new), fill, dtype=np.int64)
+        running_scores = np.zeros((batch, beams), dtype=np.float32)
+        running_scores[:, 1:] = neg
+        finished = np.full((batch, beams, max_new), fill, dtype=np.int64)
+        finished_scores = np.full((batch, beams), neg, dtype=np.float32)
+        finished_lengths = np.zeros((batch, beams), dtype=np.int64)
+        is_finished = np.zeros((batch, beams), dtype=bool)
+        improvable = np.ones((batch, 1), dtype=bool)
+        offsets = (np.arange(batch) * beams)[:, None]
+
+        for cur in range(max_new):
+            if cur:
+                total += 1
+                logits, past = self._step(self._no_embeds(batch * beams), running[:, :, cur - 1].reshape(-1, 1),
+                                          total, cache_rows[source_rows], past)
+                cache_rows = np.arange(batch * beams)
+            log_probs = _log_softmax(logits.astype(np.float32, copy=False)).reshape(batch, beams, vocab)
+            log_probs = (log_probs + running_scores[:, :, None]).reshape(batch, beams * vocab)
+
+            # c. the top keep_k continuations over all beams, best first
+            top = _topk(log_probs, keep_k)
+            top_scores = np.take_along_axis(log_probs, top, axis=1)
+            top_beam, top_token = top // vocab, top % vocab
+            top_seqs = np.take_along_axis(running, top_beam[:, :, None], axis=1)
+            top_seqs[:, :, cur] = top_token
+            # d. which of them stop here (an EOS id, or the length limit)
+            hits = np.isin(top_token, eos) | (cur + 1 >= max_new)
+            # e. the best num_beams that go on
+            going = top_scores + hits.astype(np.float32) * neg
+            chosen = _topk(going, beams)
+            running = np.take_along_axis(top_seqs, chosen[:, :, None], axis=1)
+            running_scores = np.take_along_axis(going, chosen, axis=1)
+            source_rows = (np.take_along_axis(top_beam, chosen, axis=1) + offsets).reshape(-1)
+            # f. finished hypotheses: only the top num_beams candidates count, scored by length
+            just_finished = hits & top_beams[None, :]
+            scores = top_scores / np.float32((cur + 1) ** length_penalty)
+            scores = scores + (~improvable).astype(np.float32) * neg
+            scores = scores + (~just_finished).astype(np.float32) * neg
+            merged_scores = np.concatenate([finished_scores, scores], axis=1)
+            best = _topk(merged_scores, beams)
+            finished = np.take_along_axis(np.concatenate([finished, top_seqs], axis=1), best[:, :, None], axis=1)
+            finished_scores = np.take_along_axis(merged_scores, best, axis=1)
+            finished_lengths = np.take_along_axis(
+                np.concatenate([finished_lengths, np.full((batch, keep_k), cur + 1)], axis=1), best, axis=1)
+            is_finished = np.take_along_axis(np.concatenate([is_finished, just_finished], axis=1), best, axis=1)
+            # g. can a running beam still beat the worst finished one? (early_stopping=False heuristic)
+            best_running = running_scores[:, :1] / np.float32((cur + 1) ** length_penalty)
+            worst = np.where(is_finished, finished_scores.min(axis=1, keepdims=True), neg)
+            improvable = improvable & (best_running > worst).any(axis=-1, keepdims=True)
+            if not improvable.any() or hits.all():
+                break
+
+        length = int(finished_lengths[:, 0].max())
+        return [row[:length].tolist() for row in finished[:, 0]]
+
+    def _no_embeds(self, rows: int) -> np.ndarray:
+        return np.zeros((rows, 0, self.hidden_size), dtype=np.float32)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _topk(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest scores per row, largest first (ties: lowest index first)."""
+    if k < scores.shape[-1]:
+        candidates = np.argpartition(-scores, k - 1, axis=-1)[:, :k]
+        candidates.sort(axis=-1)  # index order, so that the stable sort below breaks ties by index
+    else:
+        candidates = np.broadcast_to(np.arange(scores.shape[-1]), scores.shape)
+    order = np.argsort(-np.take_along_axis(scores, candidates, axis=-1), axis=-1, kind="stable")
+    return np.take_along_axis(candidates, order, axis=-1)[:, :k]
+
+
+def _pad(rows: list[list[int]], pad: int) -> list[list[int]]:
+    width = max(map(len, rows))
+    return [row + [pad] * (width - len(row)) for row in rows]

@@ -1,0 +1,262 @@
+"""The ONNX Runtime decoders (ort-fp32, ort-int4): parity with transformers' generate, int4 quality, integrity, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import MAX_NEW_TOKENS, random_pairs
+from export.build import build_artifact, decoder_names
+from export.errors import AtolError, ExportError, QuantizationError, ShapeError
+from idc_lite import Captioner, GenerationSettings
+from idc_lite.artifact import load_manifest
+from idc_lite.backends.torch_decoder import load_torch_decoder
+from idc_lite.compose import compose_batch
+from idc_lite.decoding import generate_kwargs, inputs_embeds, prefix_ids
+from idc_lite.errors import ArtifactError
+
+GEN = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+BEAMS = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, num_beams=3)
+PROMPT = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, prompt="the red circle")
+
+
+@pytest.fixture(scope="session")
+def artifact_ort(tiny_model, legacy_adapter, tmp_path_factory):
+    """torch-fp32 (the reference decoder) beside both ONNX Runtime decoders, in one artifact."""
+    return build_artifact(tiny_model, tmp_path_factory.mktemp("artifacts") / "ort", legacy_adapter,
+                          decoders=("torch-fp32", "ort-fp32", "ort-int4"))
+
+
+@pytest.fixture(scope="session")
+def adapted(tiny_model, legacy_adapter):
+    """The reference backend with the adapter, unmerged: BLIP2IDC as it was trained."""
+    return Captioner(tiny_model, legacy_adapter, generation=GEN)
+
+
+@pytest.fixture(scope="session")
+def ort_fp32(artifact_ort):
+    return Captioner(artifact_ort, decoder="ort-fp32").backend
+
+
+@pytest.fixture(scope="session")
+def torch_fp32(artifact_ort):
+    return load_torch_decoder(artifact_ort / "decoder", "torch-fp32", "cpu")
+
+
+def torch_generate(language_model, query: np.ndarray, prefix, settings, tokens) -> list[list[int]]:
+    with torch.inference_mode():
+        embeds = inputs_embeds(language_model, torch.from_numpy(query), prefix)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+        out = language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs(settings, tokens))
+    return out.tolist()
+
+
+def captions(captioner, pairs, settings=GEN, batch_size=1):
+    return [r.caption for r in captioner.describe_batch(pairs, batch_size=batch_size, generation=settings)]
+
+
+def test_ort_fp32_is_token_identical_to_the_reference(artifact_ort, ort_fp32, adapted, pairs):
+    assert ort_fp32.decoder_name == "ort-fp32" and type(ort_fp32.decoder).__name__ == "OrtDecoder"
+    pixels = compose_batch(pairs, processor=ort_fp32.processor)
+    finished_early = 0
+    for settings in (GEN, BEAMS, PROMPT, dataclasses.replace(BEAMS, prompt="the")):
+        expected = adapted.backend.generate(pixels, settings)
+        assert ort_fp32.generate(pixels, settings) == expected, settings
+        finished_early += sum(row[-1] == ort_fp32.tokens.pad_token_id for row in expected)
+    assert finished_early, "no caption ended before the others: the stopping rule was not exercised"
+
+
+@pytest.fixture(scope="session")
+def token_variants(ort_fp32, torch_fp32):
+    """Query embeddings of 8 pairs, and token settings: the model's, two EOS ids, pad id 0."""
+    query = ort_fp32.encode(compose_batch(random_pairs(8, seed=4), processor=ort_fp32.processor))
+    tokens = ort_fp32.tokens
+    plain = torch_generate(torch_fp32, query, [tokens.bos_token_id], GenerationSettings(max_new_tokens=24), tokens)
+    common = next(t for t, _ in Counter(t for row in plain for t in row).most_common() if t not in (1, 2))
+    return query, [tokens, dataclasses.replace(tokens, eos_token_ids=(*tokens.eos_token_ids, common)),
+                   dataclasses.replace(tokens, pad_token_id=0)]
+
+
+@pytest.mark.parametrize("settings", [
+    GenerationSettings(max_new_tokens=24), GenerationSettings(max_new_tokens=24, num_beams=4),
+    GenerationSettings(max_new_tokens=32, num_beams=5), GenerationSettings(max_new_tokens=24, num_beams=2, prompt="the"),
+], ids=["greedy-24", "beams4-24", "beams5-32", "beams2-prompt"])
+def test_stopping_rules_match_transformers(ort_fp32, torch_fp32, token_variants, settings):
+    """Longer runs; two EOS ids (3 x beams candidates a step); pad id 0 (beam search then fills with EOS)."""
+    query, variants = token_variants
+    for tokens in variants:
+        prefix = prefix_ids(ort_fp32.tokenizer, tokens, settings.prompt)
+        expected = torch_generate(torch_fp32, query, prefix, settings, tokens)
+        assert ort_fp32.decoder.generate(query, prefix, settings, tokens) == expected, tokens
+
+
+def test_ort_int4_logits_stay_close_to_fp32(artifact_ort, torch_fp32, adapted, pairs, record_property):
+    lite = Captioner(artifact_ort, decoder="ort-int4")
+    decoder = lite.backend.decoder
+    entry = load_manifest(artifact_ort).decoders["ort-int4"]
+    assert entry["runtime"] == "onnxruntime" and entry["quantization"]["method"] == "onnxruntime-matmulnbits"
+    import onnx
+
+    graph = onnx.load(str(artifact_ort / entry["dir"] / entry["graph"]))
+    assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) == 6 * entry["shape"]["layers"]
+    pixels = compose_batch(random_pairs(16, seed=3), processor=lite.backend.processor)
+    query = lite.backend.encode(pixels)
+    prefix = prefix_ids(lite.backend.tokenizer, lite.backend.tokens, None)
+    rows = len(query)
+    logits, _ = decoder._step(query, np.tile(prefix, (rows, 1)), query.shape[1] + len(prefix), np.arange(rows), None)
+    with torch.inference_mode():
+        expected = torch_fp32(inputs_embeds=inputs_embeds(torch_fp32, torch.from_numpy(query), prefix)).logits[:, -1]
+    cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(logits), expected, dim=-1)
+    assert cosine.min() >= 0.99, cosine
+    same = np.mean([x == y for x, y in zip(captions(lite, pairs), captions(adapted, pairs))])
+    record_property("ort_int4_identical_captions", same)
+    print(f"ort-int4 vs reference: min logits cosine {cosine.min():.4f}, identical greedy captions {same:.0%}")
+
+
+@pytest.mark.parametrize("decoder", ["ort-fp32", "ort-int4"])
+def test_batch_equals_one_by_one(artifact_ort, decoder, pairs):
+    lite = Captioner(artifact_ort, decoder=decoder)
+    for settings in (GEN, BEAMS):
+        assert captions(lite, pairs, settings, batch_size=len(pairs)) == captions(lite, pairs, settings)
+
+
+def _cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU and onnxruntime-gpu")
+def test_cuda_keeps_the_cache_on_the_device(artifact_ort, ort_fp32, pairs):
+    cuda = Captioner(artifact_ort, device="cuda", decoder="ort-fp32").backend
+    decoder = cuda.decoder
+    assert decoder.session.get_providers()[0] == "CUDAExecutionProvider" and decoder.device_type == "cuda"
+    query = ort_fp32.encode(compose_batch(pairs, processor=cuda.processor))
+    prefix = prefix_ids(cuda.tokenizer, cuda.tokens, None)
+    rows, total = len(query), query.shape[1] + len(prefix)
+
+    def prefill(ort_decoder):
+        return ort_decoder._step(query, np.tile(prefix, (rows, 1)), total, np.arange(rows), None)
+
+    logits, past = prefill(decoder)
+    assert all(value.device_name().lower() == "cuda" for value in past)
+    step, past = decoder._step(decoder._no_embeds(rows), logits.argmax(-1)[:, None], total + 1,
+                               np.arange(rows)[::-1].copy(), past)  # a reordered cache, gathered on the GPU
+    assert all(value.device_name().lower() == "cuda" for value in past) and step.shape == logits.shape
+    assert np.allclose(logits, prefill(ort_fp32.decoder)[0], atol=1e-2, rtol=1e-3)
+    for settings in (GEN, BEAMS):
+        got = decoder.generate(query, prefix, settings, cuda.tokens)
+        assert len(got) == rows and len({len(row) for row in got}) == 1 and len(got[0]) <= MAX_NEW_TOKENS
+
+
+def test_cli_selects_the_ort_decoder(artifact_ort, pairs, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    import idc_lite.backends.lite as lite
+    from idc_lite.cli import main
+
+    opened = []
+    real = lite.load_ort_decoder
+    def recording(path, entry, *args, **kwargs):
+        opened.append(entry["dir"])
+        return real(path, entry, *args, **kwargs)
+
+    monkeypatch.setattr(lite, "load_ort_decoder", recording)
+    Image.fromarray(pairs[0][0]).save(tmp_path / "b.png")
+    Image.fromarray(pairs[0][1]).save(tmp_path / "a.png")
+    with pytest.raises(SystemExit) as info:
+        main(["describe", str(tmp_path / "b.png"), str(tmp_path / "a.png"), "-m", str(artifact_ort), "--decoder", "ort-int4",
+              "--json", "--max-new-tokens", str(MAX_NEW_TOKENS), "--threads", "1"])
+    record = json.loads(capsys.readouterr().out)
+    assert not info.value.code and record["backend"] == "lite" and opened == ["ort-int4"]
+    assert record["caption"] == Captioner(artifact_ort, decoder="ort-int4").describe(*pairs[0], GEN).caption
+    with pytest.raises(SystemExit) as info:
+        main(["info", str(artifact_ort), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert not info.value.code and report["plan"]["decoder"] == "ort-int4"  # the CPU default when present
+
+
+def test_damaged_ort_decoder_is_caught_before_any_session(artifact_ort, tmp_path, monkeypatch):
+    import idc_lite.backends.lite as lite
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a session or model was built from a damaged artifact")
+
+    for name in ("open_session", "load_torch_decoder", "load_ort_decoder"):
+        monkeypatch.setattr(lite, name, refuse)
+    tampered = tmp_path / "tampered"
+    shutil.copytree(artifact_ort, tampered)
+    graph = tampered / "ort-int4" / "decoder.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256 does not match"):
+        Captioner(tampered, backend="lite", decoder="ort-int4")
+    missing = tmp_path / "missing"
+    shutil.copytree(artifact_ort, missing)
+    (missing / "ort-fp32" / "decoder.onnx").unlink()
+    with pytest.raises(ArtifactError, match="missing from the artifact"):
+        Captioner(missing, backend="lite", decoder="ort-fp32")
+
+
+def test_export_validation_raises_typed_errors(artifact_ort, tiny_model, ort_fp32, monkeypatch, tmp_path):
+    import export.ort_decoder as ort_export
+    from export.ort_decoder import CachedDecoder, validate_graph, validation_cases
+
+    plain = Captioner(tiny_model).backend.net.language_model.float().eval()  # without the adapter
+    module = CachedDecoder(plain).eval()
+    query = torch.from_numpy(ort_fp32.encode(compose_batch(random_pairs(2), processor=ort_fp32.processor)))
+    cases = validation_cases(module, query, [ort_fp32.tokens.bos_token_id])
+    graph = artifact_ort / "ort-fp32" / "decoder.onnx"
+    with pytest.raises(AtolError, match="exceeds the fp32 tolerance"):
+        validate_graph(module, graph, cases, "fp32")  # the un-adapted decoder differs from the merged graph
+
+    class Wrong(torch.nn.Module):
+        num_layers = module.num_layers
+
+        def forward(self, embeds, ids, mask, beam_idx, *past):
+            return (torch.zeros(ids.shape[0], 3), *past)
+
+    with pytest.raises(ShapeError, match="output logits has shape"):
+        validate_graph(Wrong(), graph, cases, "fp32")
+    monkeypatch.setitem(ort_export.MIN_COSINE, "int4", 1.01)
+    with pytest.raises(QuantizationError, match=r"ort-int4 logits cosine similarity 0\.\d+ < 1.01"):
+        ort_export.export_ort_decoder(plain, tmp_path, "int4", query, [ort_fp32.tokens.bos_token_id])
+    assert not (tmp_path / "ort-int4").exists()
+
+
+def test_manifest_entries_and_decoder_choice(artifact_ort):
+    decoders = load_manifest(artifact_ort).decoders
+    assert list(decoders) == ["torch-fp32", "ort-fp32", "ort-int4"]
+    fp32, int4 = decoders["ort-fp32"], decoders["ort-int4"]
+    assert fp32["validation"]["max_abs_diff"] <= fp32["validation"]["tolerance"]
+    assert fp32["embeddings"]["precision"] == "fp32" and "quantization" not in fp32
+    assert int4["validation"]["logits_cosine_min"] >= int4["validation"]["threshold"] == 0.99
+    assert int4["embeddings"] == {"precision": "fp16", "tied_lm_head": False}  # the tiny model's head is untied
+    assert int4["quantization"] == {"method": "onnxruntime-matmulnbits", "bits": 4, "block_size": 32, "symmetric": False,
+                                    "accuracy_level": 4, "not_quantized": ["embedding table / lm_head"]}
+    assert decoder_names() == ("bnb-int4", "ort-int4") and decoder_names("fp32") == ("torch-fp32",)
+    assert decoder_names(decoders=["ort-int4", "torch-fp32", "ort-int4"]) == ("ort-int4", "torch-fp32")
+    for bad, message in (((None, ["bnb-int4", "torch-fp32"]), "at most one torch decoder"),
+                         (("int4", ["ort-int4"]), "not both"), ((None, ["ort-int8"]), "not ort-int8")):
+        with pytest.raises(ExportError, match=message):
+            decoder_names(*bad)
+
+
+def test_export_cli_takes_repeated_decoders(monkeypatch, tmp_path):
+    import export.build
+    from export.__main__ import main
+
+    seen = {}
+    monkeypatch.setattr(export.build, "build_artifact", lambda *args, **kwargs: seen.update(kwargs) or tmp_path)
+    for args, decoders, precision in ((["--decoder", "bnb-int4", "--decoder", "ort-int4"], ["bnb-int4", "ort-int4"], None),
+                                      (["--decoder-precision", "fp32"], None, "fp32")):
+        with pytest.raises(SystemExit) as info:
+            main(["build", "--base", "some/model", "--out", str(tmp_path), *args])
+        assert not info.value.code and seen["decoders"] == decoders and seen["decoder_precision"] == precision
