@@ -1,0 +1,171 @@
+"""What a benchmark measures: an artifact and, when it can be found, the reference it was built from.
+
+- ``--artifact DIR`` (default: the embedded demo model): the reference is the base model and the
+  LoRA adapter named in the manifest's provenance. The base must still be a local directory; the
+  manifest records the adapter's name and sha256 but not its path, so the adapter is the one given
+  with ``--reference-adapter`` or a folder of that name near the base (the demo recipe's layout,
+  ``runs/demo/stage1/best`` + ``runs/demo/stage2/best``), and its hash must match.
+- ``--config NAME|FILE`` (``blip2-opt-2.7b``: the real shapes) or ``--tiny``: a random-weight model,
+  built by :mod:`benchmarks.build` in one process per stage and cached under
+  ``<cache>/<name>-<hash>/`` (``model/`` in fp16, ``artifact-<decoders>/``, ``build.json`` with each
+  stage's time and peak memory), so that later runs start at once. Its reference is that model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from idc_lite.errors import IdcError
+
+from .processes import run_child
+
+CONFIGS = Path(__file__).resolve().parent.parent / "idc_lite" / "configs"
+#: Bump when :mod:`benchmarks.build` changes what it writes: cached builds are then rebuilt.
+BUILD_VERSION = 1
+#: Decoders exported into a random model's artifact unless ``--decoders`` says otherwise.
+DEFAULT_DECODERS = ("bnb-int4", "ort-int4")
+
+
+@dataclass(frozen=True)
+class Subject:
+    """An artifact to measure and its reference (``reference_model`` None when unavailable, and why)."""
+
+    name: str
+    artifact: Path
+    reference_model: Path | None
+    reference_adapter: Path | None = None
+    reference_note: str | None = None
+    config: Path | None = None  # the BLIP-2 config.json, for the memory table
+    random_weights: bool = False
+    build: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "artifact": str(self.artifact),
+                "reference_model": _str(self.reference_model), "reference_adapter": _str(self.reference_adapter),
+                "reference_note": self.reference_note, "config": _str(self.config),
+                "random_weights": self.random_weights, "build": self.build}
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def default_cache_dir() -> Path:
+    """``$IDC_LITE_CACHE/bench``, else ``~/.cache/idc-lite/bench``."""
+    return Path(os.environ.get("IDC_LITE_CACHE") or Path.home() / ".cache" / "idc-lite") / "bench"
+
+
+# --------------------------------------------------------------------------------- artifacts
+def artifact_subject(artifact: Path | None, reference: Path | None = None, adapter: Path | None = None) -> Subject:
+    """The artifact (default: the embedded demo) and the reference its manifest points to."""
+    from idc_lite.artifact import load_manifest
+
+    if artifact is None:
+        from idc_lite.default_model import EMBEDDED_DIR
+
+        if not (EMBEDDED_DIR / "manifest.json").is_file():
+            raise IdcError(EMBEDDED_DIR, "this install has no embedded demo model; pass --artifact DIR, "
+                           "--config blip2-opt-2.7b or --tiny")
+        artifact = EMBEDDED_DIR
+    manifest = load_manifest(artifact)
+    provenance = manifest.data.get("provenance") or {}
+    base_id = (provenance.get("base") or {}).get("id")
+    model = reference or (Path(base_id).expanduser() if base_id else None)
+    artifact = manifest.path.resolve()
+    if model is None or not (model / "config.json").is_file():
+        note = (f"the artifact's base {base_id!r} is not a local model directory here; pass --reference DIR"
+                if reference is None else f"--reference {reference} holds no config.json")
+        return Subject(manifest.name, artifact, None, reference_note=note)
+    model, recorded = model.resolve(), provenance.get("adapter")
+    found, note = (None, None) if recorded is None else find_reference_adapter(recorded, model, adapter)
+    if recorded is not None and found is None:
+        return Subject(manifest.name, artifact, None, reference_note=note, config=model / "config.json")
+    return Subject(manifest.name, artifact, model, found, config=model / "config.json")
+
+
+def find_reference_adapter(recorded: dict, base: Path, given: Path | None) -> tuple[Path | None, str | None]:
+    """The adapter whose weights have the recorded sha256: ``given``, or a folder named like it near ``base``."""
+    from idc_lite.adapters import find_adapter
+
+    if given is not None:
+        candidates = [given]
+    else:
+        roots = [base.parent, base.parent.parent]
+        candidates = [p.parent for root in roots for pattern in (f"{recorded['name']}", f"*/{recorded['name']}")
+                      for p in root.glob(f"{pattern}/adapter_config.json")]
+    for candidate in candidates:
+        try:
+            if find_adapter(candidate).sha256() == recorded["sha256"]:
+                return candidate.resolve(), None
+        except IdcError:
+            continue
+    where = f"--reference-adapter {given}" if given else f"folders named {recorded['name']!r} near {base}"
+    return None, (f"the artifact was built with adapter {recorded['name']!r} (sha256 {recorded['sha256'][:12]}...), "
+                  f"not found in {where}; pass --reference-adapter DIR")
+
+
+# ----------------------------------------------------------------------------- random models
+def config_path(name: str) -> Path:
+    """A shipped config by name (``blip2-opt-2.7b``) or a config.json path."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = CONFIGS / f"{name}.json"
+    if shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json")))
+    raise IdcError(name, f"no such config file or shipped config (shipped: {known})")
+
+
+def random_subject(
+    config: Path | None, cache: Path, logs: Path, *, decoders=DEFAULT_DECODERS, depth_scale: float = 1.0,
+    seed: int = 0, rebuild: bool = False, versions: dict | None = None,
+) -> Subject:
+    """A random-weight model for ``config`` (None: tiny) and its artifact, built unless cached."""
+    from idc_lite.backends.torch_decoder import TORCH_DECODERS
+
+    from .build import write_artifact_manifest
+
+    if sum(d in TORCH_DECODERS for d in decoders) > 1:
+        raise IdcError(None, f"an artifact holds at most one torch decoder ({', '.join(TORCH_DECODERS)}), "
+                       f"not {', '.join(d for d in decoders if d in TORCH_DECODERS)}")
+    label = "tiny" if config is None else config.stem
+    if depth_scale != 1.0:
+        label += f"-depth{depth_scale:g}"
+    recipe = {"builder": BUILD_VERSION, "seed": seed, "depth_scale": depth_scale,
+              "config": None if config is None else json.loads(config.read_text(encoding="utf-8"))}
+    root = cache / f"{label}-{hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]}"
+    model, artifact = root / "model", root / f"artifact-{'+'.join(decoders)}"
+    record_path = root / "build.json"
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() and not rebuild else {}
+    if rebuild:
+        shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def stage(name: str, key: str, args: list) -> None:
+        run = run_child("benchmarks.build", [name, *args], logs / f"build-{key}.log")
+        if not run.ok:
+            raise IdcError(root, f"building the random model failed at stage {key!r}: {run.why()}")
+        record[key] = {"wall_s": round(run.wall_s, 2), "peak_rss_bytes": run.peak_rss_bytes}
+        record_path.write_text(json.dumps(record, indent=1), encoding="utf-8")
+
+    if not (model / "config.json").is_file():
+        partial = model.with_name("model.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        args = ["--model", partial, "--seed", seed, "--depth-scale", depth_scale]
+        stage("model", "model", args + (["--config", config] if config is not None else []))
+        partial.rename(model)
+    if not (artifact / "manifest.json").is_file():
+        work = artifact.with_name(artifact.name + ".partial")
+        shutil.rmtree(work, ignore_errors=True)
+        stage("encoder", "encoder", ["--model", model, "--work", work])
+        for decoder in decoders:
+            stage("decoder", f"decoder-{decoder}", ["--model", model, "--work", work, "--decoder", decoder])
+        write_artifact_manifest(model, work, artifact, f"{label}-random", versions or {})
+    return Subject(f"{label} (random weights)", artifact, model, config=model / "config.json", random_weights=True,
+                   build={"cache": str(root), "stages": record})

@@ -1,0 +1,163 @@
+"""The benchmark pipeline, end to end on a tiny random model: outputs well-formed, figures consistent.
+
+No timing is asserted (a benchmark measures, a test asserts behaviour): only that every backend ran
+in its own process, that every figure the report shows is in results.json, that each ratio is the
+quotient of the two figures stored beside it, that targets say pass exactly when the ratio is
+within the limit, and that generation is forced to the asked number of new tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.compare import TARGETS, batch_value
+from benchmarks.machine import describe
+from benchmarks.measure import exactly_new_tokens
+from conftest import random_pairs
+
+BATCH_SIZES = [1, 2]
+NEW_TOKENS = 3
+QUALITY_PAIRS = 2
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One smoke run of ``python -m benchmarks --tiny``: the results folder and results.json."""
+    out = tmp_path_factory.mktemp("bench") / "out"
+    cache = tmp_path_factory.mktemp("bench-cache")
+    # One thread per process: tiny models gain nothing from two, and on a busy machine OpenMP's
+    # spinning threads make them many times slower.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--tiny", "--batch-sizes", *map(str, BATCH_SIZES), "--repeats", "1",
+         "--new-tokens", str(NEW_TOKENS), "--quality", str(QUALITY_PAIRS), "--out", out, "--cache-dir", cache],
+        env=env, capture_output=True, text=True, check=False)
+    report = out / "results.md"
+    assert done.returncode == 0, done.stderr + (report.read_text() if report.is_file() else "")
+    assert done.stdout.strip() == str(out / "results.md")
+    return out, json.loads((out / "results.json").read_text())
+
+
+def expected_backends(results) -> set[str]:
+    devices = ["cuda", "cpu"] if results["machine"]["gpu"]["available"] else ["cpu"]
+    names = set()
+    for device in devices:
+        names |= {"reference-fp16-cuda"} if device == "cuda" else {"reference-fp32-cpu", "reference-bf16-cpu"}
+        names |= {f"lite-{decoder}-{device}" for decoder in ("bnb-int4", "ort-int4")}
+    return names
+
+
+def test_outputs_exist_and_name_the_machine(bench):
+    out, results = bench
+    assert {"schema", "machine", "settings", "subject", "backends", "ratios", "targets", "quality", "memory_tables",
+            "memory_bandwidth_gbps"} <= set(results)
+    machine = results["machine"]
+    assert machine["cpu"] and machine["cpu_count"] >= 1 and machine["ram_bytes"] > 0
+    assert {"python", "torch", "transformers", "onnxruntime", "bitsandbytes"} <= set(machine["libraries"])
+    assert machine["libraries"]["torch"] and machine["libraries"]["python"]
+    text = (out / "results.md").read_text()
+    assert describe(machine) in text and machine["cpu"] in text
+    assert "Memory of blip2-opt-2.7b" in text and "14.43" in text  # seed Table 4 beside ours
+    with Image.open(out / "results.png") as image:
+        assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 300
+
+
+def test_every_backend_measured_in_its_own_process(bench):
+    out, results = bench
+    backends = results["backends"]
+    assert set(backends) == expected_backends(results)
+    text = (out / "results.md").read_text()
+    for name, backend in backends.items():
+        assert backend["error"] is None, backend["error"]
+        assert name in text
+        assert backend["load_s"] > 0 and backend["size_on_disk_bytes"] > 0 and backend["decoder_bytes"] > 0
+        assert [row["batch_size"] for row in backend["batches"]] == BATCH_SIZES
+        for row in backend["batches"]:
+            assert row["new_tokens"] == NEW_TOKENS
+            for metric in ("encoder_ms_per_pair", "e2e_ms_per_pair", "pairs_per_s"):
+                summary = row[metric]
+                assert summary["n"] == 1 and summary["min"] <= summary["median"] <= summary["max"]
+                assert summary["median"] > 0
+            assert row["peak_rss_bytes"] >= backend["rss_after_load_bytes"] > 0
+        assert set(backend["decoder_ms_per_token"]) == {str(b) for b in BATCH_SIZES}
+    # Peak memory is each process's own: not one figure inherited by all of them.
+    assert len({b["batches"][-1]["peak_rss_bytes"] for b in backends.values()}) > 1
+    stages = results["subject"]["build"]["stages"]
+    assert set(stages) == {"model", "encoder", "decoder-bnb-int4", "decoder-ort-int4"}
+    assert all(stage["peak_rss_bytes"] > 0 for stage in stages.values())
+
+
+def test_ratios_are_computed_from_the_figures_beside_them(bench):
+    _, results = bench
+    backends, ratios = results["backends"], results["ratios"]
+    lites = [name for name in backends if name.startswith("lite-") and name.endswith("-cpu")]
+    for lite in lites:
+        for batch_size in BATCH_SIZES:
+            assert any(r["lite"] == lite and r["batch_size"] == batch_size and r["metric"] == "e2e_ms_per_pair"
+                       for r in ratios)
+    for row in ratios:
+        lite, reference = backends[row["lite"]], backends[row["reference"]]
+        if row["batch_size"] is None:
+            assert row["lite_value"] == lite[row["metric"]] and row["reference_value"] == reference[row["metric"]]
+        else:
+            assert row["lite_value"] == batch_value(lite, row["batch_size"], row["metric"])
+            assert row["reference_value"] == batch_value(reference, row["batch_size"], row["metric"])
+        assert row["ratio"] == pytest.approx(row["lite_value"] / row["reference_value"])
+
+
+def test_targets_pass_exactly_when_within_their_limit(bench):
+    out, results = bench
+    assert {t.what for t in TARGETS} == {row["target"] for row in results["targets"]}
+    text = (out / "results.md").read_text()
+    for row in results["targets"]:
+        if row["status"] == "n/a":
+            assert row["value"] is None and row["why"]
+        else:
+            assert row["status"] == ("pass" if row["value"] <= row["limit"] else "fail")
+    failed = [row for row in results["targets"] if row["status"] == "fail"]
+    assert ("**FAIL**" in text) == bool(failed)
+    for row in failed:
+        assert f"Missed: {row['target']} for {row['lite']} at batch {row['batch_size']}" in text
+
+
+def test_quality_compares_lite_captions_with_the_reference(bench):
+    _, results = bench
+    quality = results["quality"]
+    assert set(quality["per_backend"]) == set(results["backends"])
+    assert all(row["n"] == QUALITY_PAIRS and row["errors"] == 0 for row in quality["per_backend"].values())
+    retention = {row["lite"]: row for row in quality["retention"]}
+    assert set(retention) == {name for name in results["backends"] if name.startswith("lite-")}
+    for name, row in retention.items():
+        ours = results["backends"][name]["quality"]["captions"]
+        theirs = results["backends"][row["reference"]]["quality"]["captions"]
+        assert row["identical"] == sum(ours[key] == theirs[key] for key in ours)
+        assert row["identical_share"] == pytest.approx(row["identical"] / QUALITY_PAIRS)
+
+
+def test_forcing_new_tokens_generates_exactly_that_many(bench):
+    """The reference and both lite decoders run to exactly N new tokens where EOS would stop them at once."""
+    from idc_lite import Captioner, GenerationSettings
+    from idc_lite.compose import compose_batch
+
+    _, results = bench
+    n = 12
+    settings = GenerationSettings(max_new_tokens=n)
+    artifact, model = results["subject"]["artifact"], results["subject"]["reference_model"]
+    for captioner in (Captioner(model), *(Captioner(artifact, decoder=d) for d in ("bnb-int4", "ort-int4"))):
+        backend = captioner.backend
+        pixels = compose_batch(random_pairs(3), processor=backend.processor).astype(np.float32)
+        first = {ids[0] for ids in backend.generate(pixels, GenerationSettings(max_new_tokens=1))}
+        # Make every first token an EOS: unforced, every pair stops after one token.
+        backend.tokens = dataclasses.replace(backend.tokens, eos_token_ids=tuple(first))
+        assert [len(ids) for ids in backend.generate(pixels, settings)] == [1] * 3
+        with exactly_new_tokens(backend):
+            assert [len(ids) for ids in backend.generate(pixels, settings)] == [n] * 3
+        assert backend.tokens.eos_token_ids == tuple(first)  # restored afterwards
