@@ -1,20 +1,13 @@
-"""Random-weight BLIP-2 models at real shapes, and their artifacts, built in bounded memory.
+"""Random-weight BLIP-2 models at real shapes, and their artifacts.
 
 The benchmark needs the real architecture (blip2-opt-2.7b: 3.7 B parameters) with no download, so
 it builds one with random weights and exports it, once; :mod:`benchmarks.models` caches the result.
-``export.build.build_artifact`` cannot do this on a 24 GiB machine: it holds the whole model in
-fp32 (14 GiB) while it exports and validates the encoder under ONNX Runtime (4 to 8 GiB more) and
-each decoder. So the build runs in stages, each in its own process, each holding only what it needs
-(peak estimates at 2.7B shapes):
+Two stages, each in its own process so its peak memory is measured and released:
 
 - ``model``: the model built directly in fp16 and saved as safetensors, with a small BPE tokenizer
-  and the image processor (about 7.5 GiB);
-- ``encoder``: only the vision model, Q-Former, query tokens and projection, in fp32, exported and
-  validated by :func:`export.encoder.export_encoder`; also the tokenizer and processor files and the
-  query embeddings the decoder checks use (4 GiB of weights, 9 to 16 GiB in all);
-- ``decoder``: only the OPT language model, in fp32, exported by the exporter of one decoder
-  (``bnb-int4``: about 14 GiB; one process per decoder);
-- then :func:`write_artifact_manifest` (in the calling process, no model loaded).
+  and the image processor (about 7.5 GiB at 2.7B);
+- ``artifact``: the product's exporter (:func:`export.build.build_artifact`), which loads one part
+  of the model at a time (the encoder part, then the language model for each decoder).
 
 Weights: transformers' own initialisation, except the decoder's Linear weights, which are random
 values on every int4 grid the exporters use: 0 or +-a (a = initializer_range x sqrt(2)), with one
@@ -24,27 +17,19 @@ not) hold them exactly. Gaussian random weights have no structure that survives 
 exporters' quantization checks (next-token logits cosine >= 0.99 to fp32) fail on them at random;
 speed does not depend on the values, and quality is never measured on these weights.
 
-    python -m benchmarks.build STAGE --model DIR [--work DIR] [--decoder NAME] [--config FILE ...]
+    python -m benchmarks.build STAGE --model DIR [--out DIR --decoder NAME ...] [--config FILE ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shutil
-import time
 from pathlib import Path
 
 #: Decoder Linear weights: one sign per this many input features (bitsandbytes' NF4 block).
 SIGN_BLOCK = 64
 #: ... and at least one non-zero weight per this many (ONNX Runtime's smallest usual block, 32).
 NONZERO_BLOCK = 32
-#: Files of the work directory that are build intermediates, not artifact contents.
-QUERY_FILE, ENCODER_ENTRY = "_query.npy", "_encoder.json"
-DECODER_ENTRY = "_decoder-{name}.json"
-#: Files a BLIP-2 model directory needs besides config and weights, copied into the artifact.
-EXTRA_FILES = ("preprocessor_config.json",)
 
 
 # ------------------------------------------------------------------------------------- model
@@ -109,136 +94,21 @@ def grid_decoder_weights(language_model, std: float, generator) -> None:
             module.weight.copy_(values.reshape(out_features, in_features).to(module.weight.dtype) * scale)
 
 
-# ----------------------------------------------------------------------------------- loading
-def load_part(model_dir: Path, module, prefix: str, skip: str | None = None) -> None:
-    """Load ``model_dir``'s weights under ``prefix`` into ``module`` (built on the meta device), in fp32.
+# -------------------------------------------------------------------------------- artifact
+def build_random_artifact(model_dir: Path, out: Path, decoders: list[str], name: str) -> Path:
+    """Export ``model_dir`` into an artifact with the product's exporter (which loads one part at a time)."""
+    from export.build import build_artifact
 
-    Only these tensors are read (safetensors, one at a time), so only this part of the model is
-    ever in memory. ``skip`` leaves out keys that start with it (after the prefix).
-    """
-    import torch
-    from safetensors import safe_open
-
-    state = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as weights:
-            for key in weights.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                if key.startswith(prefix) and not (skip and key[len(prefix):].startswith(skip)):
-                    state[key[len(prefix):]] = weights.get_tensor(key).to(torch.float32)
-    module.load_state_dict(state, strict=False, assign=True)
-
-
-def check_materialized(module, what: str) -> None:
-    """Raise when a tensor of ``module`` is still on the meta device (a weight missing from the files)."""
-    missing = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
-    if missing:
-        raise ValueError(f"{what}: no weights for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-
-
-# ----------------------------------------------------------------------------------- encoder
-def build_encoder(model_dir: Path, work: Path) -> None:
-    """Export and validate the encoder; write the query embeddings, tokenizer and processor files."""
-    import numpy as np
-    import torch
-
-    from export.encoder import QueryEncoder, export_encoder, sample_inputs
-    from idc_lite.backends.reference import load_tokenizer
-    from idc_lite.memory import load_config, meta_model
-
-    net = meta_model(load_config(model_dir))
-    load_part(model_dir, net, "", skip="language_model.")
-    encoder = QueryEncoder(net)
-    check_materialized(encoder, "encoder")
-    image_size = net.config.vision_config.image_size
-    work.mkdir(parents=True, exist_ok=True)
-    report = export_encoder(net, work, "fp32", image_size)
-    with torch.inference_mode():
-        query = encoder.eval()(torch.from_numpy(sample_inputs(image_size, seed=2)[1]))
-    np.save(work / QUERY_FILE, query.numpy())
-    (work / ENCODER_ENTRY).write_text(json.dumps(report.as_dict()), encoding="utf-8")
-    load_tokenizer(model_dir).save_pretrained(work)
-    for name in EXTRA_FILES:
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, work / name)
-
-
-# ----------------------------------------------------------------------------------- decoder
-def build_decoder(model_dir: Path, work: Path, name: str) -> None:
-    """Export and validate decoder ``name`` (``bnb-int4``, ``ort-int4``, ...) from the language model alone."""
-    import numpy as np
-    import torch
-    from transformers import OPTForCausalLM
-
-    from idc_lite.backends.ort_decoder import ORT_DECODERS
-    from idc_lite.backends.torch_decoder import TORCH_DECODERS
-    from idc_lite.decoding import token_settings
-    from idc_lite.loading import read_json
-    from idc_lite.memory import load_config
-
-    config = read_json(model_dir / "config.json")
-    with torch.device("meta"):
-        language_model = OPTForCausalLM(load_config(model_dir).text_config)
-    load_part(model_dir, language_model, "language_model.")
-    language_model.tie_weights()
-    check_materialized(language_model, "decoder")
-    query = torch.from_numpy(np.load(work / QUERY_FILE))
-    prefix = [token_settings(config).bos_token_id]  # export.build's prefix: no prompt
-    if name in TORCH_DECODERS:
-        from export.decoder import export_decoder
-
-        got, entry = export_decoder(language_model.eval(), work, TORCH_DECODERS[name], query, prefix)
-    elif name in ORT_DECODERS:
-        from export.ort_decoder import export_ort_decoder
-
-        got, entry = export_ort_decoder(language_model.eval(), work, ORT_DECODERS[name], query, prefix)
-    else:
-        raise ValueError(f"unknown decoder {name!r}; known: {', '.join([*TORCH_DECODERS, *ORT_DECODERS])}")
-    (work / DECODER_ENTRY.format(name=got)).write_text(json.dumps(entry), encoding="utf-8")
-
-
-# ---------------------------------------------------------------------------------- manifest
-def write_artifact_manifest(model_dir: Path, work: Path, out: Path, name: str, versions: dict) -> Path:
-    """Write the manifest of the stages' outputs in ``work`` and move it to ``out``, as ``build_artifact`` does.
-
-    The manifest has ``export.build``'s layout; the provenance names the random-weight model dir.
-    """
-    from idc_lite.artifact import write_manifest
-    from idc_lite.decoding import token_settings
-    from idc_lite.loading import read_json
-    from idc_lite.settings import CompositionSettings, GenerationSettings, ProcessorSettings, to_dict
-
-    encoder = json.loads((work / ENCODER_ENTRY).read_text(encoding="utf-8"))
-    decoders = {}
-    for path in sorted(work.glob(DECODER_ENTRY.format(name="*"))):
-        decoders[path.stem.removeprefix("_decoder-")] = json.loads(path.read_text(encoding="utf-8"))
-    if not decoders:
-        raise ValueError(f"{work}: no decoder was built")
-    for path in (work / QUERY_FILE, work / ENCODER_ENTRY, *work.glob(DECODER_ENTRY.format(name="*"))):
-        path.unlink()
-    write_manifest(work, {
-        "name": name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "built_with": versions,
-        "provenance": {"base": {"id": str(model_dir), "revision": None, "resolved": None}, "adapter": None},
-        "composition": to_dict(CompositionSettings()),
-        "generation": to_dict(GenerationSettings()),
-        "processor": to_dict(ProcessorSettings.from_model_dir(model_dir)),
-        "tokens": to_dict(token_settings(read_json(model_dir / "config.json"))),
-        "encoder": encoder,
-        "decoders": decoders,
-    })
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
-    return out
+    return build_artifact(model_dir, out, decoders=decoders, name=name, force=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.build", description="One stage of a random-model build.")
-    parser.add_argument("stage", choices=("model", "encoder", "decoder"))
+    parser.add_argument("stage", choices=("model", "artifact"))
     parser.add_argument("--model", type=Path, required=True, help="The model directory (written by 'model').")
-    parser.add_argument("--work", type=Path, help="The artifact being assembled (encoder, decoder).")
-    parser.add_argument("--decoder", help="The decoder to build (decoder).")
+    parser.add_argument("--out", type=Path, help="The artifact to write (artifact).")
+    parser.add_argument("--decoder", action="append", help="A decoder to build (artifact; repeatable).")
+    parser.add_argument("--name", help="The artifact's name (artifact).")
     parser.add_argument("--config", type=Path, help="The BLIP-2 config.json (model); none: a tiny model.")
     parser.add_argument("--depth-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -249,10 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
     if args.stage == "model":
         build_model(args.config, args.model, args.seed, args.depth_scale)
-    elif args.stage == "encoder":
-        build_encoder(args.model, args.work)
     else:
-        build_decoder(args.model, args.work, args.decoder)
+        build_random_artifact(args.model, args.out, args.decoder, args.name)
 
 
 if __name__ == "__main__":

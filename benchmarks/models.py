@@ -26,7 +26,7 @@ from .processes import run_child
 
 CONFIGS = Path(__file__).resolve().parent.parent / "idc_lite" / "configs"
 #: Bump when :mod:`benchmarks.build` changes what it writes: cached builds are then rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 #: Decoders exported into a random model's artifact unless ``--decoders`` says otherwise.
 DEFAULT_DECODERS = ("bnb-int4", "ort-int4")
 
@@ -96,7 +96,8 @@ def find_reference_adapter(recorded: dict, base: Path, given: Path | None) -> tu
         candidates = [given]
     else:
         roots = [base.parent, base.parent.parent]
-        candidates = [p.parent for root in roots for pattern in (f"{recorded['name']}", f"*/{recorded['name']}")
+        candidates = [Path(recorded["path"])] if recorded.get("path") else []
+        candidates += [p.parent for root in roots for pattern in (f"{recorded['name']}", f"*/{recorded['name']}")
                       for p in root.glob(f"{pattern}/adapter_config.json")]
     for candidate in candidates:
         try:
@@ -124,12 +125,10 @@ def config_path(name: str) -> Path:
 
 def random_subject(
     config: Path | None, cache: Path, logs: Path, *, decoders=DEFAULT_DECODERS, depth_scale: float = 1.0,
-    seed: int = 0, rebuild: bool = False, versions: dict | None = None,
+    seed: int = 0, rebuild: bool = False,
 ) -> Subject:
     """A random-weight model for ``config`` (None: tiny) and its artifact, built unless cached."""
     from idc_lite.backends.torch_decoder import TORCH_DECODERS
-
-    from .build import write_artifact_manifest
 
     if sum(d in TORCH_DECODERS for d in decoders) > 1:
         raise IdcError(None, f"an artifact holds at most one torch decoder ({', '.join(TORCH_DECODERS)}), "
@@ -161,11 +160,7 @@ def random_subject(
         stage("model", "model", args + (["--config", config] if config is not None else []))
         partial.rename(model)
     if not (artifact / "manifest.json").is_file():
-        work = artifact.with_name(artifact.name + ".partial")
-        shutil.rmtree(work, ignore_errors=True)
-        stage("encoder", "encoder", ["--model", model, "--work", work])
-        for decoder in decoders:
-            stage("decoder", f"decoder-{decoder}", ["--model", model, "--work", work, "--decoder", decoder])
-        write_artifact_manifest(model, work, artifact, f"{label}-random", versions or {})
+        stage("artifact", "artifact", ["--model", model, "--out", artifact, "--name", f"{label}-random",
+                                       *[arg for decoder in decoders for arg in ("--decoder", decoder)]])
     return Subject(f"{label} (random weights)", artifact, model, config=model / "config.json", random_weights=True,
                    build={"cache": str(root), "stages": record})

@@ -89,13 +89,13 @@ def size_on_disk(spec: dict, artifact: Path) -> int:
     return sum(info["size"] for path, info in manifest["files"].items() if not path.startswith(tuple(others)))
 
 
-def resolve_subject(options: Options, logs: Path, versions: dict) -> Subject:
+def resolve_subject(options: Options, logs: Path) -> Subject:
     if sum(bool(x) for x in (options.artifact, options.config, options.tiny)) > 1:
         raise ValueError("give one of --artifact, --config or --tiny")
     if options.config or options.tiny:
         return random_subject(None if options.tiny else config_path(options.config), options.cache_dir, logs,
                               decoders=options.decoders, depth_scale=options.depth_scale, seed=options.seed,
-                              rebuild=options.rebuild, versions=versions)
+                              rebuild=options.rebuild)
     return artifact_subject(options.artifact, options.reference, options.reference_adapter)
 
 
@@ -158,7 +158,7 @@ def run(options: Options) -> tuple[Path, int]:
     out = options.out or RESULTS / f"{started}-{os.uname().nodename}"
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    subject = resolve_subject(options, logs, machine["libraries"])
+    subject = resolve_subject(options, logs)
     decoders = list(load_manifest(subject.artifact, verify=False).decoders)
     devices = list(options.devices or (["cuda", "cpu"] if gpu.get("available") else ["cpu"]))
     if "cuda" in devices and not gpu.get("available"):

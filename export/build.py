@@ -5,6 +5,10 @@ An artifact holds one or more decoders: at most one torch decoder (``bnb-int4``,
 in its own folder). The default build holds ``bnb-int4`` (the decoder on CUDA) and ``ort-int4``
 (the decoder on CPU).
 
+Memory: each stage loads only its part of the model (:mod:`export.parts`): the encoder stage the
+vision side, each decoder stage the language model. Only merging a LoRA adapter holds the whole
+model (fp32), once; the merged weights are saved and the stages read them from disk.
+
 The artifact is assembled in ``<out>.partial`` and renamed into place only when every step, its
 validation and the manifest are done: an interrupted or failed build never leaves a half artifact
 under the real name.
@@ -22,12 +26,15 @@ from idc_lite import __version__
 from idc_lite.adapters import adapter_summary, find_adapter
 from idc_lite.artifact import write_manifest
 from idc_lite.backends.ort_decoder import ORT_DECODERS
-from idc_lite.backends.reference import ReferenceBackend
+from idc_lite.backends.reference import load_tokenizer
 from idc_lite.backends.torch_decoder import TORCH_DECODERS
-from idc_lite.decoding import prefix_ids
-from idc_lite.settings import CompositionSettings, GenerationSettings, to_dict
+from idc_lite.decoding import prefix_ids, token_settings
+from idc_lite.loading import check_blip2_dir, resolve_model_dir
+from idc_lite.runtime import quiet_libraries
+from idc_lite.settings import CompositionSettings, GenerationSettings, ProcessorSettings, to_dict
 
 from .errors import ExportError
+from .parts import load_encoder_part, load_language_model
 
 logger = logging.getLogger("export")
 
@@ -89,37 +96,34 @@ def build_artifact(
 def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_precision, decoders, name) -> None:
     import torch
 
-    from .decoder import export_decoder
-    from .encoder import QueryEncoder, export_encoder, sample_inputs
-    from .ort_decoder import export_ort_decoder
-
-    logger.info("loading %s%s in fp32 and merging the adapter", base, f" + {adapter}" if adapter else "")
-    reference = ReferenceBackend(
-        base, adapter, revision=revision, local_files_only=local_files_only, device="cpu", dtype="float32",
-        merge_adapter=True,
-    )
-    net = reference.net
-    image_size = net.config.vision_config.image_size
-    if (reference.processor.height, reference.processor.width) != (image_size, image_size):
-        raise ExportError(reference.model_dir, f"processor size {reference.processor.height}x{reference.processor.width} "
+    quiet_libraries()
+    # The model's facts, read without loading any weights.
+    model_dir = resolve_model_dir(base, revision, local_files_only)
+    config = check_blip2_dir(model_dir)
+    tokens = token_settings(config, str(model_dir / "config.json"))
+    processor = ProcessorSettings.from_model_dir(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    image_size = config["vision_config"].get("image_size", 224)
+    if (processor.height, processor.width) != (image_size, image_size):
+        raise ExportError(model_dir, f"processor size {processor.height}x{processor.width} "
                           f"differs from the vision model's {image_size}x{image_size}")
+    adapter_source = find_adapter(adapter) if adapter else None
+    weights_dir = model_dir
+    if adapter_source is not None:
+        weights_dir = work.with_name(work.name + ".merged")
+        _merge(model_dir, adapter_source, weights_dir, str(base))
 
-    encoder = export_encoder(net, work, encoder_precision, image_size)
-    with torch.inference_mode():
-        query = QueryEncoder(net).eval()(torch.from_numpy(sample_inputs(image_size, seed=2)[1]))
-    prefix = prefix_ids(reference.tokenizer, reference.tokens, None)
-    entries = {}
-    for decoder in decoders:
-        if decoder in TORCH_DECODERS:
-            got, entry = export_decoder(net.language_model, work, TORCH_DECODERS[decoder], query, prefix)
-        else:
-            got, entry = export_ort_decoder(net.language_model, work, ORT_DECODERS[decoder], query, prefix)
-        entries[got] = entry
+    try:
+        encoder, entries = _export_parts(weights_dir, work, encoder_precision, decoders, image_size,
+                                         prefix_ids(tokenizer, tokens, None))
+    finally:
+        if weights_dir != model_dir:
+            shutil.rmtree(weights_dir, ignore_errors=True)
 
-    reference.tokenizer.save_pretrained(work)
+    tokenizer.save_pretrained(work)
     for extra in ("preprocessor_config.json",):
-        if (reference.model_dir / extra).is_file():
-            shutil.copyfile(reference.model_dir / extra, work / extra)
+        if (model_dir / extra).is_file():
+            shutil.copyfile(model_dir / extra, work / extra)
 
     write_manifest(work, {
         "name": name,
@@ -128,16 +132,59 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
                        "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
                        "bitsandbytes": _version("bitsandbytes"), "python": platform.python_version()},
         "provenance": {
-            "base": {"id": str(base), "revision": revision, "resolved": _resolved_commit(reference.model_dir)},
-            "adapter": adapter_summary(find_adapter(adapter)) if adapter else None,
+            "base": {"id": str(base), "revision": revision, "resolved": _resolved_commit(model_dir)},
+            "adapter": {**adapter_summary(adapter_source), "path": str(adapter)} if adapter_source else None,
         },
         "composition": to_dict(CompositionSettings()),
         "generation": to_dict(GenerationSettings()),
-        "processor": to_dict(reference.processor),
-        "tokens": to_dict(reference.tokens),
+        "processor": to_dict(processor),
+        "tokens": to_dict(tokens),
         "encoder": encoder.as_dict(),
         "decoders": entries,
     })
+
+
+def _export_parts(weights_dir: Path, work: Path, encoder_precision: str, decoders, image_size: int, prefix):
+    """Export the encoder, then each decoder, each from its own part of the weights."""
+    import torch
+
+    from .decoder import export_decoder
+    from .encoder import QueryEncoder, export_encoder, sample_inputs
+    from .ort_decoder import export_ort_decoder
+
+    logger.info("exporting the encoder")
+    net = load_encoder_part(weights_dir)
+    encoder = export_encoder(net, work, encoder_precision, image_size)
+    with torch.inference_mode():
+        query = QueryEncoder(net).eval()(torch.from_numpy(sample_inputs(image_size, seed=2)[1]))
+    del net
+    entries = {}
+    for decoder in decoders:
+        logger.info("exporting the %s decoder", decoder)
+        language_model = load_language_model(weights_dir)
+        if decoder in TORCH_DECODERS:
+            got, entry = export_decoder(language_model, work, TORCH_DECODERS[decoder], query, prefix)
+        else:
+            got, entry = export_ort_decoder(language_model, work, ORT_DECODERS[decoder], query, prefix)
+        entries[got] = entry
+        del language_model
+    return encoder, entries
+
+
+def _merge(model_dir: Path, adapter, out: Path, model_name: str) -> None:
+    """Merge ``adapter`` into the fp32 base and save the merged weights (the one step holding the whole model)."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    from idc_lite.adapters import apply_adapter
+
+    logger.info("merging the adapter %s into %s (fp32)", adapter.name, model_name)
+    try:
+        net = Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ExportError(model_dir, f"cannot load the model ({str(exc).strip().splitlines()[0]})") from None
+    shutil.rmtree(out, ignore_errors=True)
+    apply_adapter(net, adapter, model_name, merge=True).save_pretrained(out)
 
 
 def _resolved_commit(model_dir: Path) -> str | None:

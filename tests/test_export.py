@@ -106,6 +106,8 @@ def test_manifest_records_provenance_and_settings(artifact_int4, tiny_model, leg
     assert data["format"] == "idc-lite-artifact" and data["format_version"] == 1
     assert data["provenance"]["base"]["id"] == str(tiny_model)
     assert data["provenance"]["adapter"]["sha256"] == file_sha256(legacy_adapter / "adapter_model.bin")
+    assert data["provenance"]["adapter"]["path"] == str(legacy_adapter)
+    assert not list(artifact_int4.parent.glob("*.merged")), "the merged weights are a build intermediate"
     assert data["generation"] == {"max_new_tokens": 77, "num_beams": 1, "prompt": None}
     assert data["composition"]["size_policy"] == "smallest"
     assert data["decoders"]["bnb-int4"]["quantization"]["quant_type"] == "nf4"
