@@ -17,7 +17,9 @@ from . import common
 FIELDS = ["id", "before", "after", "caption", "error", "model", "adapter", "backend", "seconds"]
 
 
+@common.model_options
 def batch(
+    options: common.ModelOptions,
     before_dir: Annotated[Path, typer.Argument(help="Folder of images before the change.", show_default=False)],
     after_dir: Annotated[Path, typer.Argument(help="Folder of images after the change.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Results file (created, or resumed).")],
@@ -26,18 +28,6 @@ def batch(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Pairs per model call.")] = 8,
     retry_failed: Annotated[bool, typer.Option(
         "--retry-failed", help="Describe again the pairs recorded with an error in OUTPUT.")] = False,
-    model: common.Model = None,
-    adapter: common.Adapter = None,
-    revision: common.Revision = None,
-    device: common.Device = "auto",
-    backend: common.Backend = "auto",
-    dtype: common.Dtype = None,
-    max_new_tokens: common.MaxNewTokens = 77,
-    num_beams: common.NumBeams = 1,
-    prompt: common.Prompt = None,
-    size_policy: common.SizePolicy = "smallest",
-    decoder: common.Decoder = None,
-    threads: common.Threads = None,
 ) -> None:
     """Describe every pair of BEFORE_DIR and AFTER_DIR (matched by relative path without extension)."""
     from ..folders import pair_folders
@@ -59,9 +49,8 @@ def batch(
         names = ", ".join(str(f) for f in files)
         results.write({"id": key, "error": f"ambiguous: several images share this name ({names})"})
     if todo:
-        captioner = common.build_captioner(
-            model, adapter, revision, device, backend, dtype, size_policy, max_new_tokens, num_beams, prompt, decoder, threads)
-        default = " (the embedded default)" if model is None else ""
+        captioner = options.captioner()
+        default = " (the embedded default)" if options.model is None else ""
         typer.echo(f"model: {captioner.model_id}{default}, {captioner.backend.name} backend", err=True)
         _describe_all(todo, results, batch_size, captioner)
     results.close()

@@ -1,55 +1,84 @@
-"""Options shared by the commands that run a model, and the captioner they build."""
+"""Options shared by the commands that run a model, declared once, and the captioner they build.
+
+A command decorated with :func:`model_options` gets every model option (``--model``, ``--adapter``,
+``--device``, ``--max-new-tokens``, ...) on its command line and receives them as one
+:class:`ModelOptions` argument named ``options``.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import functools
+import inspect
+from dataclasses import dataclass, fields
+from typing import Annotated, Optional, get_type_hints
 
 import typer
 
-Model = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="Model directory, hub id or idc-lite artifact. Default: the embedded model.")]
-Adapter = Annotated[Optional[str], typer.Option(
-    "--adapter", "-a", help="LoRA adapter folder (PEFT safetensors or legacy BLIP2IDC adapter_model.bin).")]
-Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
-Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda[:N].")]
-Backend = Annotated[str, typer.Option("--backend", help="auto (lite for an artifact), reference or lite.")]
-Dtype = Annotated[Optional[str], typer.Option(
-    "--dtype", help="Reference backend dtype: fp32, fp16 or bf16 (default fp16 on CUDA, fp32 on CPU).")]
-MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate.")]
-NumBeams = Annotated[int, typer.Option("--num-beams", min=1, help="Beam width (1 = greedy, as BLIP2IDC).")]
-Prompt = Annotated[Optional[str], typer.Option(
-    "--prompt", help="Optional text prompt after the image (BLIP2IDC uses none).")]
-Decoder = Annotated[Optional[str], typer.Option(
-    "--decoder", help="Lite backend: which of the artifact's decoders (bnb-int4, ort-int4, torch-fp32, ...).")]
-Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="Lite backend: ONNX Runtime CPU threads.")]
-SizePolicy = Annotated[str, typer.Option(
-    "--size-policy", help="Pairs of different sizes: smallest (both to the smaller size, BLIP2IDC demo), "
-    "after (before resized to after, IER loaders) or strict (refuse).")]
+
+@dataclass(frozen=True)
+class ModelOptions:
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="Model directory, hub id or idc-lite artifact. Default: the embedded model.")] = None
+    adapter: Annotated[Optional[str], typer.Option(
+        "--adapter", "-a", help="LoRA adapter folder (PEFT safetensors or legacy BLIP2IDC adapter_model.bin).")] = None
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda[:N].")] = "auto"
+    backend: Annotated[str, typer.Option("--backend", help="auto (lite for an artifact), reference or lite.")] = "auto"
+    dtype: Annotated[Optional[str], typer.Option(
+        "--dtype", help="Reference backend dtype: fp32, fp16 or bf16 (default fp16 on CUDA, fp32 on CPU).")] = None
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate.")] = 77
+    num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Beam width (1 = greedy, as BLIP2IDC).")] = 1
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", help="Optional text prompt after the image (BLIP2IDC uses none).")] = None
+    size_policy: Annotated[str, typer.Option(
+        "--size-policy", help="Pairs of different sizes: smallest (both to the smaller size, BLIP2IDC demo), "
+        "after (before resized to after, IER loaders) or strict (refuse).")] = "smallest"
+    decoder: Annotated[Optional[str], typer.Option(
+        "--decoder", help="Lite backend: which of the artifact's decoders (ort-int4, bnb-int4, torch-fp32, ...).")] = None
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Lite backend: ONNX Runtime CPU threads.")] = None
+
+    def captioner(self):
+        """A :class:`idc_lite.Captioner` for these options (slow: loads the model)."""
+        from ..captioner import BACKENDS, Captioner
+        from ..errors import IdcError
+        from ..runtime import DTYPES
+        from ..settings import CompositionSettings, GenerationSettings
+
+        try:
+            composition = CompositionSettings(size_policy=self.size_policy)
+            generation = GenerationSettings(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, prompt=self.prompt)
+        except ValueError as exc:
+            raise IdcError(None, str(exc)) from None
+        if self.backend not in BACKENDS:
+            raise IdcError(None, f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise IdcError(None, f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise IdcError(None, f"--device must be auto, cpu or cuda[:N], not {self.device!r}")
+        lite = {k: v for k, v in (("decoder", self.decoder), ("threads", self.threads)) if v is not None}
+        if lite and self.backend == "reference":
+            raise IdcError(None, "--decoder and --threads apply to the lite backend only")
+        return Captioner(
+            self.model, self.adapter, device=self.device, dtype=self.dtype, backend=self.backend,
+            revision=self.revision, composition=composition, generation=generation, **lite,
+        )
 
 
-def build_captioner(model, adapter, revision, device, backend, dtype, size_policy, max_new_tokens, num_beams, prompt,
-                    decoder=None, threads=None):
-    """A :class:`idc_lite.Captioner` from command-line options (slow: loads the model)."""
-    from ..captioner import BACKENDS, Captioner
-    from ..errors import IdcError
-    from ..runtime import DTYPES
-    from ..settings import CompositionSettings, GenerationSettings
+def model_options(command):
+    """Give a Typer ``command(..., options: ModelOptions)`` every :class:`ModelOptions` field as an option."""
+    # Annotations are strings under ``from __future__ import annotations``: give Typer the resolved ones.
+    own_hints = get_type_hints(command, include_extras=True)
+    own = [p.replace(annotation=own_hints.get(p.name, p.annotation))
+           for p in inspect.signature(command).parameters.values() if p.name != "options"]
+    hints = get_type_hints(ModelOptions, include_extras=True)
+    shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+              for f in fields(ModelOptions)]
+    names = [f.name for f in fields(ModelOptions)]
 
-    try:
-        composition = CompositionSettings(size_policy=size_policy)
-        generation = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams, prompt=prompt)
-    except ValueError as exc:
-        raise IdcError(None, str(exc)) from None
-    if backend not in BACKENDS:
-        raise IdcError(None, f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if dtype is not None and dtype not in DTYPES:
-        raise IdcError(None, f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
-        raise IdcError(None, f"--device must be auto, cpu or cuda[:N], not {device!r}")
-    lite_options = {k: v for k, v in (("decoder", decoder), ("threads", threads)) if v is not None}
-    if lite_options and backend == "reference":
-        raise IdcError(None, "--decoder and --threads apply to the lite backend only")
-    return Captioner(
-        model, adapter, device=device, dtype=dtype, backend=backend, revision=revision,
-        composition=composition, generation=generation, **lite_options,
-    )
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        return command(options=ModelOptions(**{name: kwargs.pop(name) for name in names}), **kwargs)
+
+    wrapper.__signature__ = inspect.Signature([*own, *shared])
+    wrapper.__annotations__ = {p.name: p.annotation for p in (*own, *shared)}
+    return wrapper

@@ -17,7 +17,9 @@ import typer
 from . import common
 
 
+@common.model_options
 def eval_command(
+    options: common.ModelOptions,
     data: Annotated[Path, typer.Argument(
         help="Dataset: idc-lite JSONL file, synth or CLEVR-Change folder, Spot-the-Diff / IER / Syned JSON file.",
         show_default=False)],
@@ -34,18 +36,6 @@ def eval_command(
     split: Annotated[str, typer.Option("--split", help="CLEVR-Change split, or <split>.jsonl of a synth folder.")] = "test",
     image_dir: Annotated[Optional[Path], typer.Option(
         "--image-dir", help="Spot-the-Diff / IER / Syned images (default: images/ or resized_images/ next to DATA).")] = None,
-    model: common.Model = None,
-    adapter: common.Adapter = None,
-    revision: common.Revision = None,
-    device: common.Device = "auto",
-    backend: common.Backend = "auto",
-    dtype: common.Dtype = None,
-    max_new_tokens: common.MaxNewTokens = 77,
-    num_beams: common.NumBeams = 1,
-    prompt: common.Prompt = None,
-    size_policy: common.SizePolicy = "smallest",
-    decoder: common.Decoder = None,
-    threads: common.Threads = None,
 ) -> None:
     """Caption every pair of DATA and score the captions: BLEU-4, METEOR, ROUGE-L, CIDEr, overall and per category.
 
@@ -60,8 +50,7 @@ def eval_command(
     for path in (report_path, predictions_path):
         if path.is_dir():
             raise InputError(path, "is a folder; give a file path")
-    captioner = common.build_captioner(
-        model, adapter, revision, device, backend, dtype, size_policy, max_new_tokens, num_beams, prompt, decoder, threads)
+    captioner = options.captioner()
     report = _run(captioner, records, predictions_path, batch_size, limit, not no_meteor, data)
     write_report(report, report_path)
     typer.echo(format_tables(report))
