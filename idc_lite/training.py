@@ -51,6 +51,7 @@ class TrainSettings:
     val_every: int = 100
     patience: int = 5
     warmup_steps: int = 50
+    schedule: str = "constant"  # after warm-up: "constant", or "cosine" decay to 0 at max_steps
     weight_decay: float = 0.01
     max_caption_tokens: int = 40
     seed: int = 0
@@ -58,6 +59,8 @@ class TrainSettings:
     def __post_init__(self):
         if self.mode not in ("lora", "full"):
             raise ValueError(f"mode must be lora or full, not {self.mode!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be constant or cosine, not {self.schedule!r}")
         if self.rank < 1 or self.batch_size < 1 or self.max_steps < 1 or self.val_every < 1:
             raise ValueError("rank, batch_size, max_steps and val_every must be at least 1")
 
@@ -66,6 +69,16 @@ class TrainSettings:
         if self.lr is not None:
             return self.lr
         return table3_lr(self.rank) if self.mode == "lora" else 1e-4
+
+
+def learning_rate_at(settings: TrainSettings, step: int) -> float:
+    """The learning rate of (0-based) ``step``: linear warm-up, then constant or cosine decay to 0."""
+    if step < settings.warmup_steps:
+        return settings.learning_rate * (step + 1) / settings.warmup_steps
+    if settings.schedule == "constant":
+        return settings.learning_rate
+    done = (step - settings.warmup_steps) / max(1, settings.max_steps - settings.warmup_steps)
+    return settings.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
 
 
 class Source(Protocol):
@@ -249,8 +262,7 @@ class Trainer:
         return total / count
 
     def _lr(self) -> float:
-        warm = self.settings.warmup_steps
-        return self.settings.learning_rate * min(1.0, (self.step + 1) / warm) if warm else self.settings.learning_rate
+        return learning_rate_at(self.settings, self.step)
 
     def run(self) -> dict:
         """Train until ``max_steps`` or early stopping; returns the run's summary."""

@@ -14,7 +14,8 @@ from idc_lite.cli import main
 from idc_lite.datasets import read_jsonl
 from idc_lite.errors import IdcError
 from idc_lite.settings import CompositionSettings, ProcessorSettings
-from idc_lite.training import CaptionBatcher, RecordSource, Trainer, TrainSettings, validation_batches
+from idc_lite.training import (CaptionBatcher, RecordSource, Trainer, TrainSettings, learning_rate_at,
+                               validation_batches)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,20 @@ def test_an_interrupted_run_resumes_exactly(tiny_model, world, tmp_path):
         Trainer(tiny_model, tmp_path / "resumed", TrainSettings(max_steps=6, **{**settings, "rank": 8}), train, val)
 
 
+def test_learning_rate_warms_up_then_stays_or_follows_a_cosine():
+    constant = TrainSettings(lr=1e-3, warmup_steps=4, max_steps=104)
+    cosine = TrainSettings(lr=1e-3, warmup_steps=4, max_steps=104, schedule="cosine")
+    for settings in (constant, cosine):
+        assert [learning_rate_at(settings, step) for step in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert learning_rate_at(constant, 103) == 1e-3
+    assert learning_rate_at(cosine, 4) == pytest.approx(1e-3)
+    assert learning_rate_at(cosine, 54) == pytest.approx(5e-4)  # half-way through the decay
+    assert learning_rate_at(cosine, 104) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate_at(cosine, 500) == pytest.approx(0.0, abs=1e-12)  # past max_steps: stays at 0
+    with pytest.raises(ValueError, match="schedule must be constant or cosine"):
+        TrainSettings(schedule="linear")
+
+
 def test_early_stopping_keeps_the_best_checkpoint(tiny_model, world, tmp_path):
     train, val = sources(tiny_model, world)
     settings = TrainSettings(mode="full", lr=1.0, batch_size=4, max_steps=20, val_every=1, patience=2, warmup_steps=0)
@@ -123,3 +138,6 @@ def test_train_cli(tiny_model, world, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", str(tmp_path / "none.jsonl"), "-m", str(tiny_model), "-o", str(out)])
     assert info.value.code == 2 and "none.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(world[0]), "-m", str(tiny_model), "-o", str(out), "--schedule", "step"])
+    assert info.value.code == 2 and "schedule must be constant or cosine" in capsys.readouterr().err

@@ -24,6 +24,8 @@ def train(
     max_steps: Annotated[int, typer.Option("--max-steps", min=1)] = 2000,
     val_every: Annotated[int, typer.Option("--val-every", min=1, help="Validate (and checkpoint) every N steps.")] = 100,
     patience: Annotated[int, typer.Option("--patience", min=1, help="Stop after N validations without improvement.")] = 5,
+    schedule: Annotated[str, typer.Option(
+        "--schedule", help="Learning rate after warm-up: constant, or cosine (decays to 0 at --max-steps).")] = "constant",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     full: Annotated[bool, typer.Option("--full", help="Train every weight instead of LoRA (small models).")] = False,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision of the base.")] = None,
@@ -43,7 +45,8 @@ def train(
 
     try:
         settings = TrainSettings(mode="full" if full else "lora", rank=rank, lr=lr, batch_size=batch_size,
-                                 max_steps=max_steps, val_every=val_every, patience=patience, seed=seed)
+                                 max_steps=max_steps, val_every=val_every, patience=patience, schedule=schedule,
+                                 seed=seed)
     except ValueError as exc:
         raise IdcError(None, str(exc)) from None
     model_dir = resolve_model_dir(model, revision)
