@@ -11,7 +11,7 @@
 2b. **stage 1b**: stage 1 continued with half of the examples two scenes stacked as a pair is
    stacked, captioned by what each half holds (see :class:`SceneSource`), so that the vision side
    has seen the stacked, squeezed layout before LoRA has to compare its halves;
-3. **stage 2, BLIP2IDC**: LoRA with BLIP2IDC's targets on the stage-1 base, on vertically stacked
+3. **stage 2, BLIP2IDC**: LoRA with BLIP2IDC's targets on the stage-1b base, on vertically stacked
    (before, after) pairs of the world and their change captions;
 4. **export**: merge, ONNX encoder, int4 decoders, manifest -> the artifact shipped as idc-lite's
    default model.
@@ -166,6 +166,8 @@ STAGE1 = dict(mode="full", lr=5e-4, batch_size=32, max_steps=5000, val_every=250
 #: gave CIDEr 70 on 270 test pairs, and its captions confused `add` with `remove` and never said
 #: "nothing changed": the vision side had only seen single scenes at full height, never two
 #: squeezed into one square input. Stage 1b continues stage 1 with half of its examples stacked.
+#: With it (and a cosine stage 2): CIDEr 130 on the same pairs, `add` 32 -> 91; but the model still
+#: never says "nothing changed" nor "was added" (README, "How well it describes changes").
 STAGE1B = dict(mode="full", lr=2e-4, batch_size=32, max_steps=2000, val_every=250, patience=4, warmup_steps=50,
                schedule="cosine", max_caption_tokens=80)
 STACKED = 0.5
