@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
                       help="With --config: keep the widths, scale every stack's number of layers (e.g. 0.25).")
     what.add_argument("--decoders", nargs="+", default=None, metavar="NAME",
                       help="With --config/--tiny: decoders to export (default: bnb-int4 ort-int4).")
+    what.add_argument("--encoder-precision", choices=("fp32", "fp16"), default="fp32",
+                      help="With --config/--tiny: the ONNX encoder's precision (fp16 halves its GPU memory).")
     how = p.add_argument_group("how")
     how.add_argument("--backends", nargs="+", metavar="NAME",
                      help="Only these backends (e.g. reference-fp32-cpu lite-ort-int4-cpu); default: all.")
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(
         artifact=args.artifact, config=args.config, tiny=args.tiny, reference=args.reference,
         reference_adapter=args.reference_adapter, depth_scale=args.depth_scale,
-        decoders=tuple(args.decoders or DEFAULT_DECODERS), backends=tuple(args.backends) if args.backends else None,
+        decoders=tuple(args.decoders or DEFAULT_DECODERS), encoder_precision=args.encoder_precision, backends=tuple(args.backends) if args.backends else None,
         devices=tuple(args.devices) if args.devices else None, batch_sizes=tuple(sorted(set(args.batch_sizes))),
         repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens, quality=args.quality,
         quality_batch_size=args.quality_batch_size, out=args.out, cache_dir=args.cache_dir or default_cache_dir(),

@@ -95,11 +95,13 @@ def grid_decoder_weights(language_model, std: float, generator) -> None:
 
 
 # -------------------------------------------------------------------------------- artifact
-def build_random_artifact(model_dir: Path, out: Path, decoders: list[str], name: str) -> Path:
+def build_random_artifact(model_dir: Path, out: Path, decoders: list[str], name: str,
+                          encoder_precision: str = "fp32") -> Path:
     """Export ``model_dir`` into an artifact with the product's exporter (which loads one part at a time)."""
     from export.build import build_artifact
 
-    return build_artifact(model_dir, out, decoders=decoders, name=name, force=True)
+    return build_artifact(model_dir, out, decoders=decoders, name=name, force=True,
+                          encoder_precision=encoder_precision)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="The artifact to write (artifact).")
     parser.add_argument("--decoder", action="append", help="A decoder to build (artifact; repeatable).")
     parser.add_argument("--name", help="The artifact's name (artifact).")
+    parser.add_argument("--encoder-precision", default="fp32", help="The ONNX encoder's precision (artifact).")
     parser.add_argument("--config", type=Path, help="The BLIP-2 config.json (model); none: a tiny model.")
     parser.add_argument("--depth-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "model":
         build_model(args.config, args.model, args.seed, args.depth_scale)
     else:
-        build_random_artifact(args.model, args.out, args.decoder, args.name)
+        build_random_artifact(args.model, args.out, args.decoder, args.name, args.encoder_precision)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ class Options:
     reference_adapter: Path | None = None
     depth_scale: float = 1.0
     decoders: tuple[str, ...] = DEFAULT_DECODERS
+    encoder_precision: str = "fp32"
     backends: tuple[str, ...] | None = None
     devices: tuple[str, ...] | None = None
     batch_sizes: tuple[int, ...] = (1, 8, 32)
@@ -95,7 +96,7 @@ def resolve_subject(options: Options, logs: Path) -> Subject:
     if options.config or options.tiny:
         return random_subject(None if options.tiny else config_path(options.config), options.cache_dir, logs,
                               decoders=options.decoders, depth_scale=options.depth_scale, seed=options.seed,
-                              rebuild=options.rebuild)
+                              rebuild=options.rebuild, encoder_precision=options.encoder_precision)
     return artifact_subject(options.artifact, options.reference, options.reference_adapter)
 
 

@@ -161,3 +161,18 @@ def test_forcing_new_tokens_generates_exactly_that_many(bench):
         with exactly_new_tokens(backend):
             assert [len(ids) for ids in backend.generate(pixels, settings)] == [n] * 3
         assert backend.tokens.eos_token_ids == tuple(first)  # restored afterwards
+
+
+def test_encoder_precision_is_built_and_cached_apart(tmp_path, monkeypatch):
+    from benchmarks.models import random_subject
+    from idc_lite.artifact import load_manifest
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    subject = random_subject(None, tmp_path / "cache", tmp_path / "logs", decoders=("ort-fp32",),
+                             encoder_precision="fp16")
+    assert subject.artifact.name == "artifact-ort-fp32-encoder-fp16"
+    manifest = load_manifest(subject.artifact)
+    assert manifest.encoder["precision"] == "fp16" and list(manifest.decoders) == ["ort-fp32"]
+    fp32 = random_subject(None, tmp_path / "cache", tmp_path / "logs", decoders=("ort-fp32",))
+    assert fp32.artifact.name == "artifact-ort-fp32" and fp32.reference_model == subject.reference_model
+    assert load_manifest(fp32.artifact).encoder["precision"] == "fp32"

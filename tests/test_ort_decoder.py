@@ -136,6 +136,7 @@ def _cuda_available() -> bool:
 def test_cuda_keeps_the_cache_on_the_device(artifact_ort, ort_fp32, pairs):
     cuda = Captioner(artifact_ort, device="cuda", decoder="ort-fp32").backend
     decoder = cuda.decoder
+    assert cuda.session.get_providers()[0] == "CUDAExecutionProvider"
     assert decoder.session.get_providers()[0] == "CUDAExecutionProvider" and decoder.device_type == "cuda"
     query = ort_fp32.encode(compose_batch(pairs, processor=cuda.processor))
     prefix = prefix_ids(cuda.tokenizer, cuda.tokens, None)
@@ -153,6 +154,28 @@ def test_cuda_keeps_the_cache_on_the_device(artifact_ort, ort_fp32, pairs):
     for settings in (GEN, BEAMS):
         got = decoder.generate(query, prefix, settings, cuda.tokens)
         assert len(got) == rows and len({len(row) for row in got}) == 1 and len(got[0]) <= MAX_NEW_TOKENS
+
+
+def test_cuda_options_and_a_cpu_fallback_is_said(artifact_ort, caplog):
+    import onnxruntime as ort
+
+    from idc_lite.backends.lite import CUDA_OPTIONS, encoder_providers, open_session
+
+    assert encoder_providers("cpu") == ["CPUExecutionProvider"]
+    assert encoder_providers("cuda", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert encoder_providers("cuda:1") == ["CPUExecutionProvider"]
+    else:
+        assert encoder_providers("cuda:1")[0] == ("CUDAExecutionProvider", {"device_id": 1, **CUDA_OPTIONS})
+    if _cuda_available():
+        session = open_session(artifact_ort / "encoder.onnx", "cuda")
+        assert session.get_providers()[0] == "CUDAExecutionProvider"
+        return
+    # No usable GPU: the session still opens, on the CPU, and says so rather than running slowly unannounced.
+    with caplog.at_level("WARNING", logger="idc_lite"):
+        session = open_session(artifact_ort / "encoder.onnx", "cuda")
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert "encoder.onnx: runs on the CPU, not cuda" in caplog.text
 
 
 def test_cli_selects_the_ort_decoder(artifact_ort, pairs, tmp_path, capsys, monkeypatch):

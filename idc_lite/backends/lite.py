@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -48,8 +49,30 @@ def encoder_providers(device: str, providers: list[str] | None = None) -> list:
 
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         index = int(device.split(":")[1]) if ":" in device else 0
-        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", {"device_id": index, **CUDA_OPTIONS}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+#: CUDA execution provider options: grow the memory arena by what is asked (the default doubles it,
+#: which can hold twice the memory a graph needs) and pick cuDNN's convolution algorithm by heuristics
+#: (the exhaustive search costs seconds at the first run, for the ViT's one patch convolution).
+CUDA_OPTIONS = {"arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def _preload_cuda_libraries() -> None:
+    """Make the CUDA libraries of the pip ``nvidia-*`` packages (torch's) visible to ONNX Runtime."""
+    import importlib
+
+    import onnxruntime as ort
+
+    importlib.import_module("torch")  # loads libcudart, cuBLAS and cuDNN from those packages
+
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is not None:
+        try:
+            preload()
+        except Exception:  # a partial preload is still fine: the session says below if CUDA is unusable
+            pass
 
 
 def open_session(path, device: str, providers: list[str] | None = None, threads: int | None = None):
@@ -60,10 +83,19 @@ def open_session(path, device: str, providers: list[str] | None = None, threads:
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    chosen = encoder_providers(device, providers)
+    wants_cuda = any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider" for p in chosen)
+    if wants_cuda:
+        _preload_cuda_libraries()
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=encoder_providers(device, providers))
+        session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
         raise ArtifactError(path, f"ONNX Runtime cannot load it ({str(exc).strip().splitlines()[0]})") from None
+    if device.startswith("cuda") and session.get_providers()[0] != "CUDAExecutionProvider":
+        why = ("this onnxruntime has no CUDA execution provider (install onnxruntime-gpu)" if not wants_cuda
+               else "ONNX Runtime could not start its CUDA execution provider (CUDA or cuDNN libraries missing?)")
+        logger.warning("%s: runs on the CPU, not %s: %s", Path(path).name, device, why)
+    return session
 
 
 class LiteBackend:
