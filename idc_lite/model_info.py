@@ -35,8 +35,7 @@ def _artifact_report(path, device: str) -> dict:
         "format": f"{data['format']} v{data['format_version']}",
         "base": _base(provenance.get("base") or {}),
         "adapter": f"{adapter.get('name')} (r={adapter.get('r')}, sha256 {adapter.get('sha256', '')[:12]})" if adapter else "none",
-        "encoder": f"{encoder['file']} {encoder['precision']}, max |onnx - torch| "
-                   f"{encoder['validation']['max_abs_diff']:.2g} (tolerance {encoder['validation']['tolerance']:.2g})",
+        "encoder": f"{encoder['file']} {encoder['precision']}, " + _encoder_check(encoder['validation']),
         "decoders": ", ".join(f"{name} ({entry['precision']}, logits cosine {entry['validation']['logits_cosine_min']:.4f})"
                               for name, entry in manifest.decoders.items()),
         "generation": ", ".join(f"{k}={v}" for k, v in data["generation"].items()),
@@ -75,3 +74,9 @@ def _model_report(model, device: str) -> dict:
     dtype = "fp16" if device.startswith("cuda") else "fp32"
     return {"name": str(model), "kind": "BLIP-2 model (reference backend)", "path": str(path), "summary": summary,
             "files": files, "plan": {"device": device, "backend": "reference", "dtype": dtype}}
+
+
+def _encoder_check(validation: dict) -> str:
+    if validation.get("cosine_min") is not None:
+        return f"query-embedding cosine {validation['cosine_min']:.4f} (threshold {validation['threshold']})"
+    return f"max |onnx - torch| {validation['max_abs_diff']:.2g} (tolerance {validation['tolerance']:.2g})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from collections import Counter
 
@@ -172,8 +173,13 @@ def test_cuda_options_and_a_cpu_fallback_is_said(artifact_ort, caplog):
         assert session.get_providers()[0] == "CUDAExecutionProvider"
         return
     # No usable GPU: the session still opens, on the CPU, and says so rather than running slowly unannounced.
-    with caplog.at_level("WARNING", logger="idc_lite"):
-        session = open_session(artifact_ort / "encoder.onnx", "cuda")
+    logger = logging.getLogger("idc_lite")  # the export CLI, run by other tests, stops it propagating
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="idc_lite"):
+            session = open_session(artifact_ort / "encoder.onnx", "cuda")
+    finally:
+        logger.removeHandler(caplog.handler)
     assert session.get_providers() == ["CPUExecutionProvider"]
     assert "encoder.onnx: runs on the CPU, not cuda" in caplog.text
 
