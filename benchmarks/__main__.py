@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(
         artifact=args.artifact, config=args.config, tiny=args.tiny, reference=args.reference,
         reference_adapter=args.reference_adapter, depth_scale=args.depth_scale,
-        decoders=tuple(args.decoders or DEFAULT_DECODERS), encoder_precision=args.encoder_precision, backends=tuple(args.backends) if args.backends else None,
+        decoders=tuple(args.decoders or DEFAULT_DECODERS), encoder_precision=args.encoder_precision,
+        backends=tuple(args.backends) if args.backends else None,
         devices=tuple(args.devices) if args.devices else None, batch_sizes=tuple(sorted(set(args.batch_sizes))),
         repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens, quality=args.quality,
         quality_batch_size=args.quality_batch_size, out=args.out, cache_dir=args.cache_dir or default_cache_dir(),

@@ -71,7 +71,8 @@ class EncoderReport:
     cosine_min: float | None = None
 
     def as_dict(self) -> dict:
-        validation = {"max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance, "inputs_checked": self.inputs_checked}
+        validation = {"max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
+                      "inputs_checked": self.inputs_checked}
         entry = {"file": self.file, "precision": self.precision, "input": INPUT_NAME, "output": OUTPUT_NAME,
                  "validation": validation}
         if self.precision in MIN_COSINE:
@@ -177,9 +178,9 @@ def validate_encoder(module: torch.nn.Module, path: Path, precision: str, image_
 
 
 def _cosine_min(got: np.ndarray, expected: np.ndarray) -> float:
-    """Smallest cosine similarity between matching vectors (last axis); 1 where both are zero."""
-    dot = (got * expected).sum(-1)
-    norms = np.linalg.norm(got, axis=-1) * np.linalg.norm(expected, axis=-1)
-    both_zero = norms == 0
-    cosine = np.where(both_zero, 1.0, dot / np.where(both_zero, 1.0, norms))
+    """Smallest cosine similarity between matching vectors (last axis): 1 where both are zero, 0 where one is."""
+    a, b = np.linalg.norm(got, axis=-1), np.linalg.norm(expected, axis=-1)
+    norms = a * b
+    cosine = (got * expected).sum(-1) / np.where(norms == 0, 1.0, norms)
+    cosine = np.where((a == 0) & (b == 0), 1.0, cosine)
     return float(cosine.min())

@@ -221,11 +221,11 @@ def test_int8_encoder_export(tiny_model, artifact_fp32, tmp_path, pairs, monkeyp
     ops = {node.op_type for node in onnx.load(str(artifact / "encoder.onnx")).graph.node}
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
     assert not [f for f in manifest.data["files"] if "fp32" in f]  # the fp32 graph it came from is gone
-    # Weights at a quarter of fp32; the tiny graph's own structure keeps the file above a quarter.
     def encoder_bytes(folder):  # the graph and its external-data file
         return sum(f.stat().st_size for f in folder.glob("encoder.onnx*"))
 
     assert (artifact / "encoder.onnx.data").is_file()
+    # Weights at a quarter of fp32's; the tiny graph's own structure keeps the files above a quarter.
     assert encoder_bytes(artifact) < 0.7 * encoder_bytes(artifact_fp32)
     assert "query-embedding cosine" in describe_model(artifact, "cpu")["summary"]["encoder"]
     # The tiny model's captions hang on near-ties, so the caption-level check is the demo model's (README).
@@ -268,3 +268,12 @@ def test_cli_runs_artifacts_and_reports_on_them(artifact_int4, pairs, tmp_path, 
     with pytest.raises(SystemExit) as info:
         main(["describe", str(tmp_path / "b.png"), str(tmp_path / "a.png"), "-m", str(artifact_int4), "--backend", "reference"])
     assert info.value.code == 2 and "not a model directory" in capsys.readouterr().err
+
+
+def test_encoder_cosine_treats_zero_outputs_as_the_values_they_are():
+    from export.encoder import _cosine_min
+
+    zero, ones = np.zeros((2, 3, 4), np.float32), np.ones((2, 3, 4), np.float32)
+    assert _cosine_min(zero, zero) == 1.0  # a graph that outputs zeros where torch does is right
+    assert _cosine_min(ones, zero) == 0.0 and _cosine_min(zero, ones) == 0.0
+    assert _cosine_min(ones, -ones) == pytest.approx(-1.0) and _cosine_min(2 * ones, ones) == pytest.approx(1.0)
