@@ -26,7 +26,7 @@ from .processes import run_child
 
 CONFIGS = Path(__file__).resolve().parent.parent / "idc_lite" / "configs"
 #: Bump when :mod:`benchmarks.build` changes what it writes: cached builds are then rebuilt.
-BUILD_VERSION = 3  # 3: ONNX weights always in external-data files
+BUILD_VERSION = 4  # 3: ONNX weights always in external-data files; 4: no zero vision model
 #: Decoders exported into a random model's artifact unless ``--decoders`` says otherwise.
 DEFAULT_DECODERS = ("bnb-int4", "ort-int4")
 

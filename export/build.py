@@ -65,7 +65,7 @@ def decoder_names(decoder_precision: str | None = None, decoders=None) -> tuple[
 def build_artifact(
     base: str, out: str | Path, adapter: str | Path | None = None, *, revision: str | None = None,
     encoder_precision: str = "fp32", decoder_precision: str | None = None, decoders=None, name: str | None = None,
-    force: bool = False, local_files_only: bool = False,
+    force: bool = False, local_files_only: bool = False, enforce_encoder_check: bool = True,
 ) -> Path:
     """Build an artifact from ``base`` (hub id or directory) and an optional LoRA ``adapter``.
 
@@ -82,7 +82,8 @@ def build_artifact(
     started = time.perf_counter()
 
     try:
-        _build_into(work, base, adapter, revision, local_files_only, encoder_precision, names, name or out.name)
+        _build_into(work, base, adapter, revision, local_files_only, encoder_precision, names, name or out.name,
+                    enforce_encoder_check)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -93,7 +94,8 @@ def build_artifact(
     return out
 
 
-def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_precision, decoders, name) -> None:
+def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_precision, decoders, name,
+                enforce_encoder_check: bool = True) -> None:
     import torch
 
     quiet_libraries()
@@ -115,7 +117,7 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
 
     try:
         encoder, entries = _export_parts(weights_dir, work, encoder_precision, decoders, image_size,
-                                         prefix_ids(tokenizer, tokens, None))
+                                         enforce_encoder_check, prefix_ids(tokenizer, tokens, None))
     finally:
         if weights_dir != model_dir:
             shutil.rmtree(weights_dir, ignore_errors=True)
@@ -144,7 +146,8 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
     })
 
 
-def _export_parts(weights_dir: Path, work: Path, encoder_precision: str, decoders, image_size: int, prefix):
+def _export_parts(weights_dir: Path, work: Path, encoder_precision: str, decoders, image_size: int, enforce: bool,
+                  prefix):
     """Export the encoder, then each decoder, each from its own part of the weights."""
     import torch
 
@@ -154,7 +157,7 @@ def _export_parts(weights_dir: Path, work: Path, encoder_precision: str, decoder
 
     logger.info("exporting the encoder")
     net = load_encoder_part(weights_dir)
-    encoder = export_encoder(net, work, encoder_precision, image_size)
+    encoder = export_encoder(net, work, encoder_precision, image_size, enforce)
     with torch.inference_mode():
         query = QueryEncoder(net).eval()(torch.from_numpy(sample_inputs(image_size, seed=2)[1]))
     del net

@@ -78,5 +78,7 @@ def _model_report(model, device: str) -> dict:
 
 def _encoder_check(validation: dict) -> str:
     if validation.get("cosine_min") is not None:
-        return f"query-embedding cosine {validation['cosine_min']:.4f} (threshold {validation['threshold']})"
-    return f"max |onnx - torch| {validation['max_abs_diff']:.2g} (tolerance {validation['tolerance']:.2g})"
+        text = f"query-embedding cosine {validation['cosine_min']:.4f} (threshold {validation['threshold']})"
+    else:
+        text = f"max |onnx - torch| {validation['max_abs_diff']:.2g} (tolerance {validation['tolerance']:.2g})"
+    return text + ("" if validation.get("enforced", True) else ", not enforced (random weights)")

@@ -235,6 +235,8 @@ def test_int8_encoder_export(tiny_model, artifact_fp32, tmp_path, pairs, monkeyp
     monkeypatch.setitem(encoder_export.MIN_COSINE, "int8", 1.01)
     with pytest.raises(QuantizationError, match=r"int8 encoder: query-embedding cosine similarity 0\.\d+ < 1.01"):
         validate_encoder(module, artifact / "encoder.onnx", "int8", 32)
+    recorded = validate_encoder(module, artifact / "encoder.onnx", "int8", 32, enforce=False).as_dict()["validation"]
+    assert recorded["enforced"] is False and recorded["cosine_min"] < recorded["threshold"] == 1.01
 
 
 def test_existing_output_needs_force(tiny_model, artifact_fp32, tmp_path):
