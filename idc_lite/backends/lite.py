@@ -23,6 +23,7 @@ misses the lite targets.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -64,8 +65,9 @@ def encoder_providers(device: str, providers: list[str] | None = None) -> list:
 CUDA_OPTIONS = {"arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "HEURISTIC"}
 
 
+@functools.cache
 def _preload_cuda_libraries() -> None:
-    """Make the CUDA libraries of the pip ``nvidia-*`` packages (torch's) visible to ONNX Runtime."""
+    """Make the CUDA libraries of the pip ``nvidia-*`` packages (torch's) visible to ONNX Runtime (once)."""
     import importlib
 
     import onnxruntime as ort
