@@ -66,6 +66,7 @@ class SceneSource:
             raise ValueError("replay + stacked must be at most 1")
         self.split, self.seed, self.processor = split, seed, processor
         self.replay, self.stacked = replay, stacked
+        self.composition = CompositionSettings()
 
     def examples(self, start: int, stop: int):
         from PIL import Image
@@ -83,7 +84,7 @@ class SceneSource:
                 captions.append(references[int(rng.integers(len(references)))])
             elif draw < self.replay + self.stacked:
                 pair = generate_pair(index, seed=self.seed, split=self.split)
-                pixels.append(compose_pair(pair.before, pair.after, CompositionSettings(), self.processor))
+                pixels.append(compose_pair(pair.before, pair.after, self.composition, self.processor))
                 captions.append(stacked_caption(pair.before_description, pair.after_description))
             else:
                 scene = random_scene(rng)

@@ -16,11 +16,6 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    import onnxruntime
-
-    # Its environment logger warns at every CUDA session ("No registered plugin EP device found",
-    # onnxruntime 1.31); whether a session really runs on the GPU is said by idc-lite itself.
-    onnxruntime.set_default_logger_severity(3)
 
 
 def resolve_device(device: str) -> str:

@@ -181,6 +181,6 @@ def test_encoder_precision_is_built_and_cached_apart(tmp_path, monkeypatch):
     from safetensors import safe_open
 
     with safe_open(str(subject.reference_model / "model.safetensors"), "pt") as weights:
-        zero = [k for k in weights.keys() if (weights.get_slice(k).get_shape().__len__() >= 2 or
-                                               k.endswith("_embedding")) and not weights.get_tensor(k).any()]
+        zero = [k for k in weights.keys() if (len(weights.get_slice(k).get_shape()) >= 2 or k.endswith("_embedding"))
+                and not weights.get_tensor(k).any()]
     assert zero == []

@@ -86,6 +86,10 @@ def open_session(path, device: str, providers: list[str] | None = None, threads:
     """An ONNX Runtime session for ``path`` on ``device``."""
     import onnxruntime as ort
 
+    # Its environment logger warns at every CUDA session ("No registered plugin EP device found",
+    # onnxruntime 1.31); whether a session really runs on the GPU is said below. Set here, not with the
+    # other libraries' quieting, so that paths without ONNX Runtime do not import it.
+    ort.set_default_logger_severity(3)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
