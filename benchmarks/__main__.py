@@ -36,8 +36,8 @@ def parser() -> argparse.ArgumentParser:
                       help="With --config: keep the widths, scale every stack's number of layers (e.g. 0.25).")
     what.add_argument("--decoders", nargs="+", default=None, metavar="NAME",
                       help="With --config/--tiny: decoders to export (default: bnb-int4 ort-int4).")
-    what.add_argument("--encoder-precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                      help="With --config/--tiny: the ONNX encoder's precision (fp16 for GPUs, int8 for CPUs).")
+    what.add_argument("--encoder-precision", choices=("fp32", "fp16", "int4", "int8"), default="fp32",
+                      help="With --config/--tiny: the ONNX encoder's precision (fp16 or int4 for GPUs, int8 for CPUs).")
     how = p.add_argument_group("how")
     how.add_argument("--backends", nargs="+", metavar="NAME",
                      help="Only these backends (e.g. reference-fp32-cpu lite-ort-int4-cpu); default: all.")

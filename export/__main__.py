@@ -35,7 +35,8 @@ def build(
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision of the base.")] = None,
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="LoRA adapter folder to merge.")] = None,
     encoder_precision: Annotated[str, typer.Option(
-        "--encoder-precision", help="fp32, fp16 (GPUs) or int8 (CPUs: a quarter of fp32's memory).")] = "fp32",
+        "--encoder-precision", help="fp32, fp16 (GPUs), int4 (GPUs: int4 weights, fp16 compute) or int8 "
+        "(CPUs: a quarter of fp32's memory).")] = "fp32",
     decoder_precision: Annotated[Optional[str], typer.Option(
         "--decoder-precision", help="int4 (bnb-int4 + ort-int4, the default), fp16 (torch-fp16) or fp32 (torch-fp32).",
         show_default=False)] = None,

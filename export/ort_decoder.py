@@ -72,6 +72,7 @@ import torch
 from idc_lite.backends.ort_decoder import INPUTS, LOGITS, ORT_DECODERS, past_names
 
 from .errors import AtolError, ExportError, QuantizationError, ShapeError
+from .graph_ops import gemm_to_matmul, quantize_int4
 
 logger = logging.getLogger("export")
 
@@ -206,7 +207,7 @@ def _export_graph(module: CachedDecoder, path: Path) -> None:
             output_names=[LOGITS, *past_names(module.num_layers, "present")], dynamic_shapes=dynamic,
             optimize=True, verbose=False,
         )
-    model = _gemm_to_matmul(program.model_proto)
+    model = gemm_to_matmul(program.model_proto)
     _save(model, path)
 
 
@@ -221,43 +222,9 @@ def _save(model, path: Path) -> None:
                     location=path.name + ".data")
 
 
-def _gemm_to_matmul(model):
-    """Rewrite ``Gemm(A, B, C)`` with a constant B as ``MatMul(A, B') + C``: the int4 quantizer takes MatMul only."""
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    nodes = []
-    for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (node.op_type != "Gemm" or node.input[1] not in initializers or attrs.get("transA", 0)
-                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
-            nodes.append(node)
-            continue
-        weight = numpy_helper.to_array(initializers[node.input[1]])
-        if attrs.get("transB", 0):
-            weight = np.ascontiguousarray(weight.T)
-        name = node.input[1] + "_kn"
-        graph.initializer.append(numpy_helper.from_array(weight, name))
-        if len(node.input) > 2 and node.input[2]:
-            product = node.output[0] + "_matmul"
-            nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=node.name + "_matmul"))
-            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=node.name + "_bias"))
-        else:
-            nodes.append(helper.make_node("MatMul", [node.input[0], name], [node.output[0]], name=node.name + "_matmul"))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for node in graph.node for i in node.input}
-    keep = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    return model
-
-
 def _quantize(source: Path, path: Path, block_size: int, symmetric: bool, accuracy_level: int) -> None:
     """MatMulNBits int4 for every MatMul with a constant weight, except the LM head."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(source))
     table = {"table", "head"}
@@ -266,19 +233,7 @@ def _quantize(source: Path, path: Path, block_size: int, symmetric: bool, accura
         raise ExportError(source, "cannot find the LM head MatMul in the exported decoder graph")
     logger.info("quantizing the decoder's MatMuls to int4 (block %d, %s, accuracy level %d)", block_size,
                 "symmetric" if symmetric else "asymmetric", accuracy_level)
-    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)
-    try:
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
-                                         accuracy_level=accuracy_level, nodes_to_exclude=head_nodes)
-        quantizer.process()
-    finally:
-        quiet.setLevel(level)
-    quantized = quantizer.model.model
-    if not any(n.op_type == "MatMulNBits" for n in quantized.graph.node):
-        raise QuantizationError(source, "no MatMul of the decoder was quantized")
-    _save(quantized, path)
+    _save(quantize_int4(model, source, block_size, symmetric, accuracy_level, exclude=head_nodes), path)
 
 
 def validation_cases(module: CachedDecoder, query_embeds: torch.Tensor, prefix: list[int]) -> list[dict]:

@@ -279,3 +279,29 @@ def test_encoder_cosine_treats_zero_outputs_as_the_values_they_are():
     assert _cosine_min(zero, zero) == 1.0  # a graph that outputs zeros where torch does is right
     assert _cosine_min(ones, zero) == 0.0 and _cosine_min(zero, ones) == 0.0
     assert _cosine_min(ones, -ones) == pytest.approx(-1.0) and _cosine_min(2 * ones, ones) == pytest.approx(1.0)
+
+
+def test_int4_encoder_export(tiny_model, tmp_path, pairs):
+    import onnx
+
+    # The tiny model's random 32-wide vision weights do not survive int4 (the trained demo model's
+    # encoder keeps cosine 0.988, README): the check fails loudly and leaves nothing behind...
+    with pytest.raises(QuantizationError, match=r"int4 encoder: query-embedding cosine similarity 0\.\d+ < 0.98"):
+        build_artifact(tiny_model, tmp_path / "checked", encoder_precision="int4", decoder_precision="fp32")
+    assert not (tmp_path / "checked").exists()
+    # ... and, not enforced (the benchmarks' random models), records what it measured.
+    artifact = build_artifact(tiny_model, tmp_path / "int4", encoder_precision="int4", decoder_precision="fp32",
+                              enforce_encoder_check=False)
+    encoder = load_manifest(artifact).encoder
+    assert encoder["precision"] == "int4" and encoder["quantization"]["method"] == "onnxruntime-matmulnbits"
+    assert encoder["quantization"]["block_size"] == 32
+    validation = encoder["validation"]
+    assert validation["enforced"] is False and 0 < validation["cosine_min"] < validation["threshold"] == 0.98
+    graph = onnx.load(str(artifact / "encoder.onnx")).graph
+    weights = {init.name for init in graph.initializer}
+    # Every product with a weight (MatMul, and the exporter's Gemm) is now an int4 MatMulNBits on fp16 activations.
+    assert sum(node.op_type == "MatMulNBits" for node in graph.node) > 0
+    assert not [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 in and out, for the runtime
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert all(result.ok for result in Captioner(artifact).describe_batch(pairs))

@@ -1,0 +1,67 @@
+"""Graph edits both ONNX exporters share: ``Gemm`` rewritten as ``MatMul``, and int4 weight quantization."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .errors import QuantizationError
+
+logger = logging.getLogger("export")
+
+
+def gemm_to_matmul(model):
+    """Rewrite ``Gemm(A, B, C)`` with a constant B as ``MatMul(A, B') + C``: the int4 quantizer takes MatMul only."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in initializers or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(initializers[node.input[1]])
+        if attrs.get("transB", 0):
+            weight = np.ascontiguousarray(weight.T)
+        name = node.input[1] + "_kn"
+        graph.initializer.append(numpy_helper.from_array(weight, name))
+        if len(node.input) > 2 and node.input[2]:
+            product = node.output[0] + "_matmul"
+            nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=node.name + "_matmul"))
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=node.name + "_bias"))
+        else:
+            nodes.append(helper.make_node("MatMul", [node.input[0], name], [node.output[0]], name=node.name + "_matmul"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for node in graph.node for i in node.input}
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return model
+
+
+def quantize_int4(model, source, block_size: int, symmetric: bool, accuracy_level: int, exclude=()):
+    """``model`` with every MatMul that has a constant weight (but ``exclude``) as ONNX Runtime's MatMulNBits.
+
+    Round to nearest, block-wise along K; fp32 or fp16 weights (the scales keep their type).
+    ``source`` names the graph in errors.
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # one INFO line per node otherwise
+    try:
+        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
+                                         accuracy_level=accuracy_level, nodes_to_exclude=list(exclude))
+        quantizer.process()
+    finally:
+        quiet.setLevel(level)
+    quantized = quantizer.model.model
+    if not any(n.op_type == "MatMulNBits" for n in quantized.graph.node):
+        raise QuantizationError(source, "no MatMul of the graph was quantized")
+    return quantized
