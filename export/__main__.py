@@ -41,7 +41,8 @@ def build(
         "--decoder-precision", help="int4 (bnb-int4 + ort-int4, the default), fp16 (torch-fp16) or fp32 (torch-fp32).",
         show_default=False)] = None,
     decoder: Annotated[Optional[list[str]], typer.Option(
-        "--decoder", help="A decoder to build, repeatable: bnb-int4, ort-int4, ort-fp32, torch-fp16 or torch-fp32 "
+        "--decoder", help="A decoder to build, repeatable: bnb-int4, ort-int4, ort-int4-fp16 (CUDA: fp16 activations), "
+        "ort-fp32, torch-fp16 or torch-fp32 "
         "(instead of --decoder-precision).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:

@@ -69,7 +69,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idc_lite.backends.ort_decoder import INPUTS, LOGITS, ORT_DECODERS, past_names
+from idc_lite.backends.ort_decoder import INPUTS, LOGITS, ORT_DECODERS, cache_numpy_dtype, past_names
 
 from .errors import AtolError, ExportError, QuantizationError, ShapeError
 from .graph_ops import gemm_to_matmul, quantize_int4
@@ -82,10 +82,12 @@ DEFAULT_BLOCK_SIZE = 32
 DEFAULT_SYMMETRIC = False
 DEFAULT_ACCURACY_LEVEL = 4
 #: Precision of the embedding table / LM head, per decoder precision.
-TABLE_PRECISION = {"int4": "fp16", "fp32": "fp32"}
+TABLE_PRECISION = {"int4": "fp16", "int4-fp16": "fp16", "fp32": "fp32"}
 #: Max |onnx - torch| allowed for the unquantized graph: ``atol + rtol * max|torch|``, by table precision.
 TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (1e-2, 1e-2)}
-MIN_COSINE = {"int4": 0.99, "fp32": 0.99999}
+MIN_COSINE = {"int4": 0.99, "int4-fp16": 0.99, "fp32": 0.99999}
+#: Graph inputs and outputs an fp16 decoder keeps in fp32 (the cache goes fp16: half the memory).
+FP32_IO = ("inputs_embeds", LOGITS)
 
 
 class CachedDecoder(torch.nn.Module):
@@ -158,11 +160,11 @@ def export_ort_decoder(
 
     try:  # a decoder that fails its validation leaves nothing behind
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-            graph = Path(tmp) / "decoder.onnx" if precision == "int4" else path
+            graph = Path(tmp) / "decoder.onnx" if precision != "fp32" else path
             _export_graph(module, graph)
             diff, bound = validate_graph(module, graph, cases, table_precision)
-            if precision == "int4":
-                _quantize(graph, path, block_size, symmetric, accuracy_level)
+            if precision != "fp32":
+                _quantize(graph, path, block_size, symmetric, accuracy_level, half=precision == "int4-fp16")
         cosine = graph_cosine(path, reference, cases)
         logger.info("decoder %s: next-token logits cosine similarity to fp32 = %.5f", name, cosine)
         if cosine < MIN_COSINE[precision]:
@@ -175,10 +177,11 @@ def export_ort_decoder(
         "shape": graph_shape(language_model), "inputs": [*INPUTS, "past.{i}.key", "past.{i}.value"],
         "outputs": [LOGITS, "present.{i}.key", "present.{i}.value"],
         "embeddings": {"precision": table_precision, "tied_lm_head": module.tied},
+        "activations": "fp16" if precision == "int4-fp16" else "fp32",
         "validation": {"logits_cosine_min": cosine, "threshold": MIN_COSINE[precision], "max_abs_diff": diff,
                        "tolerance": bound, "inputs_checked": len(cases)},
     }
-    if precision == "int4":
+    if precision != "fp32":
         entry["quantization"] = {"method": "onnxruntime-matmulnbits", "bits": 4, "block_size": block_size,
                                  "symmetric": symmetric, "accuracy_level": accuracy_level,
                                  "not_quantized": ["embedding table / lm_head"]}
@@ -222,11 +225,18 @@ def _save(model, path: Path) -> None:
                     location=path.name + ".data")
 
 
-def _quantize(source: Path, path: Path, block_size: int, symmetric: bool, accuracy_level: int) -> None:
-    """MatMulNBits int4 for every MatMul with a constant weight, except the LM head."""
+def _quantize(source: Path, path: Path, block_size: int, symmetric: bool, accuracy_level: int,
+              half: bool = False) -> None:
+    """MatMulNBits int4 for every MatMul with a constant weight, except the LM head; in fp16 if ``half``."""
     import onnx
 
     model = onnx.load(str(source))
+    if half:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        logger.info("converting the decoder graph to fp16 (the cache too; %s kept fp32)", " and ".join(FP32_IO))
+        big = sum(init.ByteSize() for init in model.graph.initializer) > (1 << 30)
+        model = convert_float_to_float16(model, keep_io_types=list(FP32_IO), disable_shape_infer=big)
     table = {"table", "head"}
     head_nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in table]
     if not head_nodes:
@@ -264,9 +274,9 @@ def _args(case: dict) -> tuple:
     return (case["inputs_embeds"], case["input_ids"], case["attention_mask"], case["beam_idx"], *case["past"])
 
 
-def _feeds(case: dict, layers: int) -> dict:
+def _feeds(case: dict, layers: int, cache_dtype=np.float32) -> dict:
     feeds = {name: case[name].numpy() for name in INPUTS}
-    feeds.update({name: t.numpy() for name, t in zip(past_names(layers), case["past"])})
+    feeds.update({name: t.numpy().astype(cache_dtype) for name, t in zip(past_names(layers), case["past"])})
     return feeds
 
 
@@ -307,11 +317,12 @@ def validate_graph(module: CachedDecoder, path: Path, cases: list[dict], table_p
 def graph_cosine(path: Path, reference: CachedDecoder, cases: list[dict]) -> float:
     """Smallest cosine similarity between the graph's next-token logits and ``reference``'s, over ``cases``."""
     session = _session(path)
+    cache_dtype = cache_numpy_dtype(session)
     worst = 1.0
     for case in cases:
         with torch.inference_mode():
             expected = reference(*_args(case))[0].numpy().astype(np.float64)
-        got = session.run([LOGITS], _feeds(case, reference.num_layers))[0].astype(np.float64)
+        got = session.run([LOGITS], _feeds(case, reference.num_layers, cache_dtype))[0].astype(np.float64)
         cosine = (got * expected).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(expected, axis=-1))
         worst = min(worst, float(cosine.min()))
     return worst

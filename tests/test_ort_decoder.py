@@ -17,6 +17,7 @@ from export.build import build_artifact, decoder_names
 from export.errors import AtolError, ExportError, QuantizationError, ShapeError
 from idc_lite import Captioner, GenerationSettings
 from idc_lite.artifact import load_manifest
+from idc_lite.backends.lite import DEFAULT_DECODERS
 from idc_lite.backends.torch_decoder import load_torch_decoder
 from idc_lite.compose import compose_batch
 from idc_lite.decoding import generate_kwargs, inputs_embeds, prefix_ids
@@ -29,9 +30,9 @@ PROMPT = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, prompt="the red circl
 
 @pytest.fixture(scope="session")
 def artifact_ort(tiny_model, legacy_adapter, tmp_path_factory):
-    """torch-fp32 (the reference decoder) beside both ONNX Runtime decoders, in one artifact."""
+    """torch-fp32 (the reference decoder) beside the ONNX Runtime decoders, in one artifact."""
     return build_artifact(tiny_model, tmp_path_factory.mktemp("artifacts") / "ort", legacy_adapter,
-                          decoders=("torch-fp32", "ort-fp32", "ort-int4"))
+                          decoders=("torch-fp32", "ort-fp32", "ort-int4", "ort-int4-fp16"))
 
 
 @pytest.fixture(scope="session")
@@ -97,10 +98,11 @@ def test_stopping_rules_match_transformers(ort_fp32, torch_fp32, token_variants,
         assert ort_fp32.decoder.generate(query, prefix, settings, tokens) == expected, tokens
 
 
-def test_ort_int4_logits_stay_close_to_fp32(artifact_ort, torch_fp32, adapted, pairs, record_property):
-    lite = Captioner(artifact_ort, decoder="ort-int4")
+@pytest.mark.parametrize("name", ["ort-int4", "ort-int4-fp16"])
+def test_ort_int4_logits_stay_close_to_fp32(artifact_ort, torch_fp32, adapted, pairs, record_property, name):
+    lite = Captioner(artifact_ort, decoder=name)
     decoder = lite.backend.decoder
-    entry = load_manifest(artifact_ort).decoders["ort-int4"]
+    entry = load_manifest(artifact_ort).decoders[name]
     assert entry["runtime"] == "onnxruntime" and entry["quantization"]["method"] == "onnxruntime-matmulnbits"
     import onnx
 
@@ -110,17 +112,21 @@ def test_ort_int4_logits_stay_close_to_fp32(artifact_ort, torch_fp32, adapted, p
     query = lite.backend.encode(pixels)
     prefix = prefix_ids(lite.backend.tokenizer, lite.backend.tokens, None)
     rows = len(query)
-    logits, _ = decoder._step(query, np.tile(prefix, (rows, 1)), query.shape[1] + len(prefix), np.arange(rows), None)
+    logits, present = decoder._step(query, np.tile(prefix, (rows, 1)), query.shape[1] + len(prefix), np.arange(rows), None)
+    # ort-int4-fp16 keeps its cache in fp16 (half the memory), the logits in fp32 for the search.
+    half = name == "ort-int4-fp16"
+    assert decoder.cache_dtype == (np.float16 if half else np.float32) and logits.dtype == np.float32
+    assert {value.numpy().dtype for value in present} == {np.dtype(decoder.cache_dtype)}
     with torch.inference_mode():
         expected = torch_fp32(inputs_embeds=inputs_embeds(torch_fp32, torch.from_numpy(query), prefix)).logits[:, -1]
     cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(logits), expected, dim=-1)
     assert cosine.min() >= 0.99, cosine
     same = np.mean([x == y for x, y in zip(captions(lite, pairs), captions(adapted, pairs))])
-    record_property("ort_int4_identical_captions", same)
-    print(f"ort-int4 vs reference: min logits cosine {cosine.min():.4f}, identical greedy captions {same:.0%}")
+    record_property(f"{name}_identical_captions", same)
+    print(f"{name} vs reference: min logits cosine {cosine.min():.4f}, identical greedy captions {same:.0%}")
 
 
-@pytest.mark.parametrize("decoder", ["ort-fp32", "ort-int4"])
+@pytest.mark.parametrize("decoder", ["ort-fp32", "ort-int4", "ort-int4-fp16"])
 def test_batch_equals_one_by_one(artifact_ort, decoder, pairs):
     lite = Captioner(artifact_ort, decoder=decoder)
     for settings in (GEN, BEAMS):
@@ -134,8 +140,10 @@ def _cuda_available() -> bool:
 
 
 @pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU and onnxruntime-gpu")
-def test_cuda_keeps_the_cache_on_the_device(artifact_ort, ort_fp32, pairs):
-    cuda = Captioner(artifact_ort, device="cuda", decoder="ort-fp32").backend
+@pytest.mark.parametrize("name", ["ort-fp32", "ort-int4-fp16"])
+def test_cuda_keeps_the_cache_on_the_device(artifact_ort, ort_fp32, pairs, name):
+    cuda = Captioner(artifact_ort, device="cuda", decoder=name).backend
+    on_cpu = ort_fp32 if name == "ort-fp32" else Captioner(artifact_ort, device="cpu", decoder=name).backend
     decoder = cuda.decoder
     assert cuda.session.get_providers()[0] == "CUDAExecutionProvider"
     assert decoder.session.get_providers()[0] == "CUDAExecutionProvider" and decoder.device_type == "cuda"
@@ -151,7 +159,12 @@ def test_cuda_keeps_the_cache_on_the_device(artifact_ort, ort_fp32, pairs):
     step, past = decoder._step(decoder._no_embeds(rows), logits.argmax(-1)[:, None], total + 1,
                                np.arange(rows)[::-1].copy(), past)  # a reordered cache, gathered on the GPU
     assert all(value.device_name().lower() == "cuda" for value in past) and step.shape == logits.shape
-    assert np.allclose(logits, prefill(ort_fp32.decoder)[0], atol=1e-2, rtol=1e-3)
+    expected = prefill(on_cpu.decoder)[0]
+    if name == "ort-fp32":
+        assert np.allclose(logits, expected, atol=1e-2, rtol=1e-3)
+    else:  # fp16 kernels differ between the providers more than fp32 ones
+        cosine = (logits * expected).sum(-1) / (np.linalg.norm(logits, axis=-1) * np.linalg.norm(expected, axis=-1))
+        assert cosine.min() >= 0.999 and {v.numpy().dtype for v in past} == {np.dtype(np.float16)}
     for settings in (GEN, BEAMS):
         got = decoder.generate(query, prefix, settings, cuda.tokens)
         assert len(got) == rows and len({len(row) for row in got}) == 1 and len(got[0]) <= MAX_NEW_TOKENS
@@ -262,8 +275,14 @@ def test_export_validation_raises_typed_errors(artifact_ort, tiny_model, ort_fp3
 
 def test_manifest_entries_and_decoder_choice(artifact_ort):
     decoders = load_manifest(artifact_ort).decoders
-    assert list(decoders) == ["torch-fp32", "ort-fp32", "ort-int4"]
-    fp32, int4 = decoders["ort-fp32"], decoders["ort-int4"]
+    assert list(decoders) == ["torch-fp32", "ort-fp32", "ort-int4", "ort-int4-fp16"]
+    fp32, int4, half = decoders["ort-fp32"], decoders["ort-int4"], decoders["ort-int4-fp16"]
+    assert (fp32["activations"], int4["activations"], half["activations"]) == ("fp32", "fp32", "fp16")
+    assert half["quantization"] == int4["quantization"] and half["precision"] == "int4-fp16"
+    # The first of the device's defaults that the artifact holds: fp16 activations on CUDA, fp32 on CPUs.
+    assert [next(d for d in DEFAULT_DECODERS[kind] if d in decoders) for kind in ("cuda", "cpu")] == [
+        "ort-int4-fp16", "ort-int4"]
+    assert Captioner(artifact_ort, device="cpu").backend.decoder_name == "ort-int4"
     assert fp32["validation"]["max_abs_diff"] <= fp32["validation"]["tolerance"]
     assert fp32["embeddings"]["precision"] == "fp32" and "quantization" not in fp32
     assert int4["validation"]["logits_cosine_min"] >= int4["validation"]["threshold"] == 0.99

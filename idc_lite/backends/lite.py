@@ -7,8 +7,9 @@ generates with transformers exactly as the reference backend's language model do
 stopping rule and settings); an ONNX Runtime decoder (``ort-int4``, ``ort-fp32``) reproduces that
 generation token for token with its own loop (:mod:`idc_lite.backends.ort_decoder`).
 
-Default decoder per device (:data:`DEFAULT_DECODERS`, the first one the artifact holds): ``ort-int4``
-on both, bitsandbytes' ``bnb-int4`` next. On CPU, bitsandbytes' NF4 kernels run a 2560x10240 layer
+Default decoder per device (:data:`DEFAULT_DECODERS`, the first one the artifact holds): on CUDA
+``ort-int4-fp16`` (int4 weights, fp16 activations and cache, built with ``--decoder ort-int4-fp16``),
+then ``ort-int4`` (fp32 activations), on CPU ``ort-int4``; bitsandbytes' ``bnb-int4`` next. On CPU, bitsandbytes' NF4 kernels run a 2560x10240 layer
 ~6x slower than fp32 (issue 7) while ONNX Runtime's MatMulNBits int4 runs OPT-2.7B shaped MatMuls
 ~4.6x faster than fp32 (``export/ort_decoder.py``); decode time per token measured with
 ``benchmarks/decoder_speed.py`` in one run on a 2-core AMD EPYC, at OPT-2.7B width with 2 layers and
@@ -42,8 +43,8 @@ logger = logging.getLogger("idc_lite")
 
 #: Decoder chosen when none is asked for, by device, first present wins.
 DEFAULT_DECODERS = {
-    "cuda": ("ort-int4", "bnb-int4", "torch-fp16", "torch-fp32", "ort-fp32"),
-    "cpu": ("ort-int4", "bnb-int4", "ort-fp32", "torch-fp32", "torch-fp16"),
+    "cuda": ("ort-int4-fp16", "ort-int4", "bnb-int4", "torch-fp16", "torch-fp32", "ort-fp32"),
+    "cpu": ("ort-int4", "bnb-int4", "ort-fp32", "torch-fp32", "torch-fp16", "ort-int4-fp16"),
 }
 
 

@@ -29,7 +29,8 @@ from ..settings import GenerationSettings, TokenSettings
 logger = logging.getLogger("idc_lite")
 
 #: ONNX Runtime decoder names in a manifest -> weight precision of their MatMuls.
-ORT_DECODERS = {"ort-int4": "int4", "ort-fp32": "fp32"}
+#: Decoder name -> what its graph computes in: int4 weights with fp32 (CPU) or fp16 (CUDA) activations, or fp32.
+ORT_DECODERS = {"ort-int4": "int4", "ort-int4-fp16": "int4-fp16", "ort-fp32": "fp32"}
 
 #: Graph inputs and outputs (the per-layer cache names come from :func:`past_names`).
 INPUTS = ("inputs_embeds", "input_ids", "attention_mask", "beam_idx")
@@ -39,6 +40,12 @@ LOGITS = "logits"
 def past_names(num_layers: int, prefix: str = "past") -> list[str]:
     """``past.0.key, past.0.value, past.1.key, ...`` (``prefix="present"`` for the outputs)."""
     return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def cache_numpy_dtype(session) -> type:
+    """The numpy type of a decoder graph's KV cache: float16 for ``ort-int4-fp16``, else float32."""
+    kind = next(i.type for i in session.get_inputs() if i.name == "past.0.key")
+    return np.float16 if kind == "tensor(float16)" else np.float32
 
 
 def load_ort_decoder(directory: Path, entry: dict, device: str, providers: list[str] | None = None,
@@ -66,6 +73,7 @@ class OrtDecoder:
         if missing:
             raise ArtifactError(path or entry.get("graph"), f"the decoder graph lacks inputs {', '.join(missing)}; "
                                 "re-export the artifact with this version of idc-lite")
+        self.cache_dtype = cache_numpy_dtype(session)
         provider = session.get_providers()[0]
         self.device_type = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
         options = session.get_provider_options().get(provider, {})
@@ -87,7 +95,7 @@ class OrtDecoder:
             "beam_idx": np.ascontiguousarray(beam_idx, dtype=np.int64),
         }
         if past is None:
-            empty = np.zeros((len(beam_idx), self.num_heads, 0, self.head_dim), dtype=np.float32)
+            empty = np.zeros((len(beam_idx), self.num_heads, 0, self.head_dim), dtype=self.cache_dtype)
             host.update(dict.fromkeys(self.past, empty))
         binding = self.session.io_binding()
         for name, array in host.items():
