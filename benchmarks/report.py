@@ -22,7 +22,7 @@ GIB = 2**30
 BNB_CPU_NOTE = (
     "bitsandbytes NF4 on CPU dequantizes every weight block before an fp32 matmul: at OPT-2.7B shapes a "
     "2560 x 10240 layer runs ~6x slower than fp32 (issue 7: 31 ms vs 2.2 ms at batch 1 on a 2-core x86), "
-    "so bnb-int4 is the decoder for CUDA; ort-int4 (MatMulNBits) is the CPU one."
+    "so ort-int4 (MatMulNBits) is the CPU decoder."
 )
 
 

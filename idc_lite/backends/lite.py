@@ -1,25 +1,27 @@
 """The lite backend: an artifact's ONNX encoder under ONNX Runtime, then its compact OPT decoder.
 
 The encoder (ViT + Q-Former + projection) runs as one ONNX graph (CUDA execution provider when the
-device is a GPU, else CPU). Its query embeddings, followed by the embedded prefix (BOS, and the
-prompt if any), are the decoder's input. A torch decoder (``bnb-int4``, ``torch-fp16/32``) then
-generates with transformers exactly as the reference backend's language model does (same prefix,
-stopping rule and settings); an ONNX Runtime decoder (``ort-int4``, ``ort-fp32``) reproduces that
+device is a GPU, else CPU). Its query embeddings, followed by the embedded prefix (BOS, and the prompt
+if any), are the decoder's input. A torch decoder (``bnb-int4``, ``torch-fp16/32``) then generates with
+transformers exactly as the reference backend's language model does (same prefix, stopping rule and
+settings); an ONNX Runtime decoder (``ort-int4``, ``ort-int4-fp16``, ``ort-fp32``) reproduces that
 generation token for token with its own loop (:mod:`idc_lite.backends.ort_decoder`).
 
 Default decoder per device (:data:`DEFAULT_DECODERS`, the first one the artifact holds): on CUDA
 ``ort-int4-fp16`` (int4 weights, fp16 activations and cache, built with ``--decoder ort-int4-fp16``),
-then ``ort-int4`` (fp32 activations), on CPU ``ort-int4``; bitsandbytes' ``bnb-int4`` next. On CPU, bitsandbytes' NF4 kernels run a 2560x10240 layer
-~6x slower than fp32 (issue 7) while ONNX Runtime's MatMulNBits int4 runs OPT-2.7B shaped MatMuls
-~4.6x faster than fp32 (``export/ort_decoder.py``); decode time per token measured with
-``benchmarks/decoder_speed.py`` in one run on a 2-core AMD EPYC, at OPT-2.7B width with 2 layers and
-the full vocabulary: ort-int4 3.5x faster than torch-fp32 and 4.2x faster than bnb-int4. On CUDA
-(one NVIDIA H200, ``benchmarks/results/demo-cuda-h200.md``, one run): ort-int4 decodes the demo
-model in 1.1 ms per token against bnb-int4's 5.0, end to end 43 against 78 ms per pair at batch 1;
-at OPT-2.7B widths (quarter depth, ``blip2-opt-2.7b-depth0.25-cuda-h200.md``) ort-int4 took 1.9 ms
-per token at batch 1 where the fp16 reference took 3.2 (3.8 against 3.1 at batch 8), while bnb-int4
-at full depth took 18.0 against 11.5 (``blip2-opt-2.7b-cuda-h200.md``). Both int4 decoders come before the fp16/fp32 ones, whose memory
-misses the lite targets.
+then ``ort-int4`` (fp32 activations), on CPU ``ort-int4``; bitsandbytes' ``bnb-int4`` next. On CPU,
+bitsandbytes' NF4 kernels run a 2560x10240 layer ~6x slower than fp32 (issue 7) while ONNX Runtime's
+MatMulNBits int4 runs OPT-2.7B shaped MatMuls ~4.6x faster than fp32 (``export/ort_decoder.py``);
+decode time per token measured with ``benchmarks/decoder_speed.py`` in one run on a 2-core AMD EPYC, at
+OPT-2.7B width with 2 layers and the full vocabulary: ort-int4 3.5x faster than torch-fp32 and 4.2x
+faster than bnb-int4. On CUDA (one NVIDIA H200, ``benchmarks/results/demo-cuda-h200.md``, one run):
+ort-int4 decodes the demo model in 1.1 ms per token against bnb-int4's 5.0, end to end 43 against 78 ms
+per pair at batch 1; at OPT-2.7B widths (quarter depth, ``blip2-opt-2.7b-depth0.25-cuda-h200.md``)
+ort-int4 took 1.9 ms per token at batch 1 where the fp16 reference took 3.2 (3.8 against 3.1 at batch
+8), while bnb-int4 at full depth took 18.0 against 11.5 (``blip2-opt-2.7b-bnb-int4-cuda-h200.md``).
+With fp16 activations (``ort-int4-fp16``) at full depth: 7.0 / 9.4 / 15.4 ms per token at batch 1 / 8 /
+32 against the fp16 reference's 12.3 / 12.0 / 11.6 (``blip2-opt-2.7b-cuda-h200.md``, one run). The int4
+decoders come before the fp16/fp32 ones, whose memory misses the lite targets.
 """
 
 from __future__ import annotations
@@ -60,9 +62,12 @@ def encoder_providers(device: str, providers: list[str] | None = None) -> list:
     return ["CPUExecutionProvider"]
 
 
-#: CUDA execution provider options: grow the memory arena by what is asked (the default doubles it,
-#: which can hold twice the memory a graph needs) and pick cuDNN's convolution algorithm by heuristics
-#: (the exhaustive search costs seconds at the first run, for the ViT's one patch convolution).
+#: CUDA execution provider options: grow the memory arena by what is asked and pick cuDNN's convolution
+#: algorithm by heuristics (the exhaustive search costs seconds at the first run, for the ViT's one patch
+#: convolution). The arena setting by measurement (OPT-2.7B widths, quarter depth, one H200, GPU peak of
+#: the lite process at batch 1 / 8 / 32): 1.78 / 2.13 / 3.73 GiB; ONNX Runtime's default (doubling)
+#: 1.81 / 2.31 / 4.19; weights allocated outside the arena, the same as this; a small cuDNN workspace,
+#: the same as the default.
 CUDA_OPTIONS = {"arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "HEURISTIC"}
 
 

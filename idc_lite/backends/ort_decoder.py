@@ -1,11 +1,12 @@
-"""The OPT decoder under ONNX Runtime (``ort-int4``, ``ort-fp32``): greedy and beam search in numpy.
+"""The OPT decoder under ONNX Runtime (``ort-int4``, ``ort-int4-fp16``, ``ort-fp32``): greedy and beam search.
 
 The decoder graph (written by ``export/ort_decoder.py``) holds the token embedding table, the OPT
 layers and the LM head; its KV cache goes in and out as one key and one value tensor per layer.
 The cache never comes back to Python: it stays in ONNX Runtime's memory, bound from one step's
 outputs to the next step's inputs (I/O binding, on the GPU under CUDA and in host memory on CPU),
 and the graph's ``beam_idx`` input picks the cache rows each new row continues, which is how beam
-search reorders it and how finished greedy rows are dropped, without a copy through numpy.
+search reorders it and how finished greedy rows are dropped, without a copy through numpy. The cache
+is fp32, or fp16 for ``ort-int4-fp16`` (read from the graph's inputs); the logits are always fp32.
 
 Decoding reproduces transformers' ``generate`` as :func:`idc_lite.decoding.generate_kwargs` calls
 it, token for token: greedy stops a row at an EOS id and pads it with ``pad_token_id`` after that;
