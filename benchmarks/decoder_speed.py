@@ -137,12 +137,13 @@ def _ort_decode(decoder, query: np.ndarray, prefix: list[int], steps: int) -> fl
     rows = query.shape[0]
     ids = np.tile(np.asarray(prefix, dtype=np.int64), (rows, 1))
     total = query.shape[1] + ids.shape[1]
-    logits, past = decoder._step(query, ids, total, np.arange(rows), None)
+    cache = decoder.new_cache(rows, total + steps)
+    logits = decoder._step(query, ids, total, np.arange(rows), cache)
     keep = np.arange(rows)
     started = time.perf_counter()
     for _ in range(steps):
         total += 1
-        logits, past = decoder._step(decoder._no_embeds(rows), logits.argmax(-1)[:, None], total, keep, past)
+        logits = decoder._step(decoder._no_embeds(rows), logits.argmax(-1)[:, None], total, keep, cache)
     return (time.perf_counter() - started) * 1000 / steps
 
 

@@ -112,11 +112,12 @@ def test_ort_int4_logits_stay_close_to_fp32(artifact_ort, torch_fp32, adapted, p
     query = lite.backend.encode(pixels)
     prefix = prefix_ids(lite.backend.tokenizer, lite.backend.tokens, None)
     rows = len(query)
-    logits, present = decoder._step(query, np.tile(prefix, (rows, 1)), query.shape[1] + len(prefix), np.arange(rows), None)
+    cache = decoder.new_cache(rows, query.shape[1] + len(prefix))
+    logits = decoder._step(query, np.tile(prefix, (rows, 1)), query.shape[1] + len(prefix), np.arange(rows), cache)
     # ort-int4-fp16 keeps its cache in fp16 (half the memory), the logits in fp32 for the search.
     half = name == "ort-int4-fp16"
     assert decoder.cache_dtype == (np.float16 if half else np.float32) and logits.dtype == np.float32
-    assert {value.numpy().dtype for value in present} == {np.dtype(decoder.cache_dtype)}
+    assert {array.dtype for array in cache.arrays()} == {np.dtype(decoder.cache_dtype)}
     with torch.inference_mode():
         expected = torch_fp32(inputs_embeds=inputs_embeds(torch_fp32, torch.from_numpy(query), prefix)).logits[:, -1]
     cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(logits), expected, dim=-1)
@@ -131,6 +132,33 @@ def test_batch_equals_one_by_one(artifact_ort, decoder, pairs):
     lite = Captioner(artifact_ort, decoder=decoder)
     for settings in (GEN, BEAMS):
         assert captions(lite, pairs, settings, batch_size=len(pairs)) == captions(lite, pairs, settings)
+
+
+def test_the_cache_lives_in_two_fixed_buffers(artifact_ort, ort_fp32, pairs):
+    """Each step reads one buffer and writes the other: no allocation, and the same logits as a fresh run."""
+    decoder = ort_fp32.decoder
+    query = ort_fp32.encode(compose_batch(pairs[:3], processor=ort_fp32.processor))
+    prefix = prefix_ids(ort_fp32.tokenizer, ort_fp32.tokens, None)
+    rows, total = len(query), query.shape[1] + len(prefix)
+    cache = decoder.new_cache(rows, total + 2)
+    pointers = [list(cache.pointers(0)), list(cache.pointers(1))]
+    logits = decoder._step(query, np.tile(prefix, (rows, 1)), total, np.arange(rows), cache)
+    assert (cache.current, cache.rows, cache.length) == (1, rows, total)
+    prefill_cache = [array.copy() for array in cache.arrays()]
+    keep = np.array([2, 0])  # rows dropped and reordered, as greedy and beam search do
+    step = decoder._step(decoder._no_embeds(2), logits.argmax(-1)[keep, None], total + 1, keep, cache)
+    assert (cache.current, cache.rows, cache.length) == (0, 2, total + 1)
+    assert [list(cache.pointers(0)), list(cache.pointers(1))] == pointers
+    for before, after in zip(prefill_cache, cache.arrays()):  # the kept rows' past, then the new position
+        assert after.shape == (2, before.shape[1], total + 1, before.shape[3])
+        np.testing.assert_array_equal(after[:, :, :total], before[keep])
+    # The same step on a cache allocated by nobody else gives the same logits.
+    fresh = decoder.new_cache(rows, total + 1)
+    decoder._step(query, np.tile(prefix, (rows, 1)), total, np.arange(rows), fresh)
+    again = decoder._step(decoder._no_embeds(2), logits.argmax(-1)[keep, None], total + 1, keep, fresh)
+    np.testing.assert_array_equal(step, again)
+    with pytest.raises(ValueError, match="exceeds the one allocated"):
+        decoder._step(decoder._no_embeds(2), step.argmax(-1)[:, None], total + 2, np.arange(2), fresh)
 
 
 def _cuda_available() -> bool:
@@ -152,19 +180,21 @@ def test_cuda_keeps_the_cache_on_the_device(artifact_ort, ort_fp32, pairs, name)
     rows, total = len(query), query.shape[1] + len(prefix)
 
     def prefill(ort_decoder):
-        return ort_decoder._step(query, np.tile(prefix, (rows, 1)), total, np.arange(rows), None)
+        cache = ort_decoder.new_cache(rows, total + 1)
+        return ort_decoder._step(query, np.tile(prefix, (rows, 1)), total, np.arange(rows), cache), cache
 
-    logits, past = prefill(decoder)
-    assert all(value.device_name().lower() == "cuda" for value in past)
-    step, past = decoder._step(decoder._no_embeds(rows), logits.argmax(-1)[:, None], total + 1,
-                               np.arange(rows)[::-1].copy(), past)  # a reordered cache, gathered on the GPU
-    assert all(value.device_name().lower() == "cuda" for value in past) and step.shape == logits.shape
+    logits, cache = prefill(decoder)
+    assert cache.device == "cuda"
+    step = decoder._step(decoder._no_embeds(rows), logits.argmax(-1)[:, None], total + 1,
+                         np.arange(rows)[::-1].copy(), cache)  # a reordered cache, gathered on the GPU
+    assert cache.device == "cuda" and step.shape == logits.shape and cache.length == total + 1
+    past = cache.arrays()
     expected = prefill(on_cpu.decoder)[0]
     if name == "ort-fp32":
         assert np.allclose(logits, expected, atol=1e-2, rtol=1e-3)
     else:  # fp16 kernels differ between the providers more than fp32 ones
         cosine = (logits * expected).sum(-1) / (np.linalg.norm(logits, axis=-1) * np.linalg.norm(expected, axis=-1))
-        assert cosine.min() >= 0.999 and {v.numpy().dtype for v in past} == {np.dtype(np.float16)}
+        assert cosine.min() >= 0.999 and {array.dtype for array in past} == {np.dtype(np.float16)}
     for settings in (GEN, BEAMS):
         got = decoder.generate(query, prefix, settings, cuda.tokens)
         assert len(got) == rows and len({len(row) for row in got}) == 1 and len(got[0]) <= MAX_NEW_TOKENS
