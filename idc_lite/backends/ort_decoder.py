@@ -248,10 +248,12 @@ class KVCache:
     Each step reads the past from one buffer and writes the present into the other (bound by pointer,
     on the session's device), so that no step allocates. Letting ONNX Runtime allocate each step's
     cache instead, one position longer than the one it frees, left its arena unable to reuse the
-    freed blocks: it grew by about one cache per generated token (OPT-2.7B widths at a quarter of
-    the depth, batch 32: 1.07 GiB resident after loading, 1.60 after the prefill, 2.37 after 20
-    tokens on a CPU; on an H200 the GPU peak went from 1.78 GiB at batch 1 to 3.73 at batch 32).
-    Host buffers are numpy arrays (pages touched only as the cache grows), device ones ORT values.
+    freed blocks, and it grew by more than the cache itself (OPT-2.7B widths at a quarter of the
+    depth, batch 32, on a CPU: 1.07 GiB resident after loading, 1.60 after the prefill, 2.37 after
+    20 tokens; 2.02 with these buffers, the rest being the cache). The lite process's GPU peak grew
+    the same way with the batch on an H200 (1.78 GiB at batch 1, 3.73 at 32, README), measured
+    before these buffers. Host buffers are numpy arrays (pages touched only as the cache grows),
+    device ones ORT values.
     """
 
     def __init__(self, decoder: "OrtDecoder", rows: int, length: int):
