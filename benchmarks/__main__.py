@@ -38,6 +38,10 @@ def parser() -> argparse.ArgumentParser:
                       help="With --config/--tiny: decoders to export (default: bnb-int4 ort-int4).")
     what.add_argument("--encoder-precision", choices=("fp32", "fp16", "int4", "int8"), default="fp32",
                       help="With --config/--tiny: the ONNX encoder's precision (fp16 or int4 for GPUs, int8 for CPUs).")
+    what.add_argument("--ort-block-size", type=int, choices=(16, 32, 64, 128, 256), default=None,
+                      help="With --config/--tiny: the int4 ONNX Runtime decoders' block size (default 32).")
+    what.add_argument("--ort-symmetric", action="store_true",
+                      help="With --config/--tiny: symmetric int4 blocks for the ONNX Runtime decoders.")
     how = p.add_argument_group("how")
     how.add_argument("--backends", nargs="+", metavar="NAME",
                      help="Only these backends (e.g. reference-fp32-cpu lite-ort-int4-cpu); default: all.")
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         artifact=args.artifact, config=args.config, tiny=args.tiny, reference=args.reference,
         reference_adapter=args.reference_adapter, depth_scale=args.depth_scale,
         decoders=tuple(args.decoders or DEFAULT_DECODERS), encoder_precision=args.encoder_precision,
+        ort_block_size=args.ort_block_size, ort_symmetric=args.ort_symmetric,
         backends=tuple(args.backends) if args.backends else None,
         devices=tuple(args.devices) if args.devices else None, batch_sizes=tuple(sorted(set(args.batch_sizes))),
         repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens, quality=args.quality,

@@ -126,14 +126,16 @@ def grid_decoder_weights(language_model, std: float, generator) -> None:
 
 # -------------------------------------------------------------------------------- artifact
 def build_random_artifact(model_dir: Path, out: Path, decoders: list[str], name: str,
-                          encoder_precision: str = "fp32") -> Path:
+                          encoder_precision: str = "fp32", ort_block_size: int | None = None,
+                          ort_symmetric: bool = False) -> Path:
     """Export ``model_dir`` into an artifact with the product's exporter (which loads one part at a time)."""
     from export.build import build_artifact
 
     # The encoder's check is recorded, not enforced: random vision weights are not what int8 or fp16
     # is checked for (see the module doc); the decoders' checks hold on the grid weights.
     return build_artifact(model_dir, out, decoders=decoders, name=name, force=True,
-                          encoder_precision=encoder_precision, enforce_encoder_check=False)
+                          encoder_precision=encoder_precision, enforce_encoder_check=False,
+                          ort_block_size=ort_block_size, ort_symmetric=ort_symmetric or None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help="The artifact's name (artifact).")
     parser.add_argument("--encoder-precision", default="fp32", help="The ONNX encoder's precision (artifact).")
     parser.add_argument("--config", type=Path, help="The BLIP-2 config.json (model); none: a tiny model.")
+    parser.add_argument("--ort-block-size", type=int, help="int4 ONNX Runtime decoders' block size (artifact).")
+    parser.add_argument("--ort-symmetric", action="store_true", help="Symmetric int4 blocks (artifact).")
     parser.add_argument("--depth-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -155,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "model":
         build_model(args.config, args.model, args.seed, args.depth_scale)
     else:
-        build_random_artifact(args.model, args.out, args.decoder, args.name, args.encoder_precision)
+        build_random_artifact(args.model, args.out, args.decoder, args.name, args.encoder_precision,
+                              args.ort_block_size, args.ort_symmetric)
 
 
 if __name__ == "__main__":

@@ -125,7 +125,8 @@ def config_path(name: str) -> Path:
 
 def random_subject(
     config: Path | None, cache: Path, logs: Path, *, decoders=DEFAULT_DECODERS, depth_scale: float = 1.0,
-    seed: int = 0, rebuild: bool = False, encoder_precision: str = "fp32",
+    seed: int = 0, rebuild: bool = False, encoder_precision: str = "fp32", ort_block_size: int | None = None,
+    ort_symmetric: bool = False,
 ) -> Subject:
     """A random-weight model for ``config`` (None: tiny) and its artifact, built unless cached."""
     from idc_lite.backends.torch_decoder import TORCH_DECODERS
@@ -140,7 +141,8 @@ def random_subject(
               "config": None if config is None else json.loads(config.read_text(encoding="utf-8"))}
     root = cache / f"{label}-{hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]}"
     encoder = "" if encoder_precision == "fp32" else f"-encoder-{encoder_precision}"
-    model, artifact = root / "model", root / f"artifact-{'+'.join(decoders)}{encoder}"
+    ort = ("" if ort_block_size is None else f"-block{ort_block_size}") + ("-symmetric" if ort_symmetric else "")
+    model, artifact = root / "model", root / f"artifact-{'+'.join(decoders)}{encoder}{ort}"
     record_path = root / "build.json"
     record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() and not rebuild else {}
     if rebuild:
@@ -163,6 +165,8 @@ def random_subject(
     if not (artifact / "manifest.json").is_file():
         stage("artifact", "artifact", ["--model", model, "--out", artifact, "--name", f"{label}-random",
                                        "--encoder-precision", encoder_precision,
-                                       *[arg for decoder in decoders for arg in ("--decoder", decoder)]])
+                                       *[arg for decoder in decoders for arg in ("--decoder", decoder)],
+                                       *(["--ort-block-size", ort_block_size] if ort_block_size else []),
+                                       *(["--ort-symmetric"] if ort_symmetric else [])])
     return Subject(f"{label} (random weights)", artifact, model, config=model / "config.json", random_weights=True,
                    build={"cache": str(root), "stages": record})

@@ -43,6 +43,8 @@ class Options:
     depth_scale: float = 1.0
     decoders: tuple[str, ...] = DEFAULT_DECODERS
     encoder_precision: str = "fp32"
+    ort_block_size: int | None = None
+    ort_symmetric: bool = False
     backends: tuple[str, ...] | None = None
     devices: tuple[str, ...] | None = None
     batch_sizes: tuple[int, ...] = (1, 8, 32)
@@ -96,7 +98,8 @@ def resolve_subject(options: Options, logs: Path) -> Subject:
     if options.config or options.tiny:
         return random_subject(None if options.tiny else config_path(options.config), options.cache_dir, logs,
                               decoders=options.decoders, depth_scale=options.depth_scale, seed=options.seed,
-                              rebuild=options.rebuild, encoder_precision=options.encoder_precision)
+                              rebuild=options.rebuild, encoder_precision=options.encoder_precision,
+                              ort_block_size=options.ort_block_size, ort_symmetric=options.ort_symmetric)
     return artifact_subject(options.artifact, options.reference, options.reference_adapter)
 
 

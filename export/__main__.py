@@ -44,6 +44,12 @@ def build(
         "--decoder", help="A decoder to build, repeatable: bnb-int4, ort-int4, ort-int4-fp16 (CUDA: fp16 activations), "
         "ort-fp32, torch-fp16 or torch-fp32 "
         "(instead of --decoder-precision).", show_default=False)] = None,
+    ort_block_size: Annotated[Optional[int], typer.Option(
+        "--ort-block-size", help="int4 ONNX Runtime decoders: quantization block along K (16, 32, 64, 128 or 256; "
+        "default 32).", show_default=False)] = None,
+    ort_symmetric: Annotated[bool, typer.Option(
+        "--ort-symmetric", help="int4 ONNX Runtime decoders: symmetric blocks (no zero points; default asymmetric).")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Merge, export, quantize and validate; write the artifact to OUT."""
@@ -60,7 +66,8 @@ def build(
     elif base is None:
         raise IdcError(None, "give a recipe name or --base")
     path = build_artifact(base, out, adapter, revision=revision, encoder_precision=encoder_precision,
-                          decoder_precision=decoder_precision, decoders=decoder or None, name=name, force=force)
+                          decoder_precision=decoder_precision, decoders=decoder or None, name=name, force=force,
+                          ort_block_size=ort_block_size, ort_symmetric=ort_symmetric or None)
     typer.echo(str(path))
 
 

@@ -66,11 +66,14 @@ def build_artifact(
     base: str, out: str | Path, adapter: str | Path | None = None, *, revision: str | None = None,
     encoder_precision: str = "fp32", decoder_precision: str | None = None, decoders=None, name: str | None = None,
     force: bool = False, local_files_only: bool = False, enforce_encoder_check: bool = True,
+    ort_block_size: int | None = None, ort_symmetric: bool | None = None,
 ) -> Path:
     """Build an artifact from ``base`` (hub id or directory) and an optional LoRA ``adapter``.
 
     ``decoders`` names the decoders to build (e.g. ``("bnb-int4", "ort-int4")``); without it,
     ``decoder_precision`` picks them (:data:`DECODERS_BY_PRECISION`; int4 by default).
+    ``ort_block_size`` and ``ort_symmetric`` set the int4 ONNX Runtime decoders' quantization
+    (default: blocks of 32, asymmetric; ``export/ort_decoder.py``).
     """
     names = decoder_names(decoder_precision, decoders)
     out = Path(out)
@@ -83,7 +86,7 @@ def build_artifact(
 
     try:
         _build_into(work, base, adapter, revision, local_files_only, encoder_precision, names, name or out.name,
-                    enforce_encoder_check)
+                    enforce_encoder_check, _ort_quantization(ort_block_size, ort_symmetric))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -94,8 +97,14 @@ def build_artifact(
     return out
 
 
+def _ort_quantization(block_size: int | None, symmetric: bool | None) -> dict:
+    """Keyword arguments of ``export_ort_decoder`` for the given int4 settings (None: its default)."""
+    chosen = {"block_size": block_size, "symmetric": symmetric}
+    return {key: value for key, value in chosen.items() if value is not None}
+
+
 def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_precision, decoders, name,
-                enforce_encoder_check: bool = True) -> None:
+                enforce_encoder_check: bool = True, ort_quantization: dict | None = None) -> None:
     import torch
 
     quiet_libraries()
@@ -117,7 +126,8 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
 
     try:
         encoder, entries = _export_parts(weights_dir, work, encoder_precision, decoders, image_size,
-                                         enforce_encoder_check, prefix_ids(tokenizer, tokens, None))
+                                         enforce_encoder_check, prefix_ids(tokenizer, tokens, None),
+                                         ort_quantization or {})
     finally:
         if weights_dir != model_dir:
             shutil.rmtree(weights_dir, ignore_errors=True)
@@ -147,7 +157,7 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
 
 
 def _export_parts(weights_dir: Path, work: Path, encoder_precision: str, decoders, image_size: int, enforce: bool,
-                  prefix):
+                  prefix, ort_quantization: dict):
     """Export the encoder, then each decoder, each from its own part of the weights."""
     import torch
 
@@ -168,7 +178,8 @@ def _export_parts(weights_dir: Path, work: Path, encoder_precision: str, decoder
         if decoder in TORCH_DECODERS:
             got, entry = export_decoder(language_model, work, TORCH_DECODERS[decoder], query, prefix)
         else:
-            got, entry = export_ort_decoder(language_model, work, ORT_DECODERS[decoder], query, prefix)
+            got, entry = export_ort_decoder(language_model, work, ORT_DECODERS[decoder], query, prefix,
+                                            **ort_quantization)
         entries[got] = entry
         del language_model
     return encoder, entries

@@ -338,3 +338,23 @@ def test_export_cli_takes_repeated_decoders(monkeypatch, tmp_path):
         with pytest.raises(SystemExit) as info:
             main(["build", "--base", "some/model", "--out", str(tmp_path), *args])
         assert not info.value.code and seen["decoders"] == decoders and seen["decoder_precision"] == precision
+    with pytest.raises(SystemExit) as info:
+        main(["build", "--base", "some/model", "--out", str(tmp_path), "--ort-block-size", "64", "--ort-symmetric"])
+    assert not info.value.code and (seen["ort_block_size"], seen["ort_symmetric"]) == (64, True)
+
+
+def test_ort_int4_block_size_and_symmetry_are_chosen_at_export(tiny_model, legacy_adapter, tmp_path):
+    """The quantization ONNX Runtime's CUDA weight-only GEMM takes (symmetric, blocks of 64) can be asked for."""
+    import onnx
+    from onnx import helper
+
+    artifact = build_artifact(tiny_model, tmp_path / "b64", legacy_adapter, decoders=("ort-int4-fp16",),
+                              ort_block_size=64, ort_symmetric=True)
+    entry = load_manifest(artifact).decoders["ort-int4-fp16"]
+    assert (entry["quantization"]["block_size"], entry["quantization"]["symmetric"]) == (64, True)
+    assert entry["validation"]["logits_cosine_min"] >= 0.99
+    nodes = [n for n in onnx.load(str(artifact / entry["dir"] / entry["graph"])).graph.node if n.op_type == "MatMulNBits"]
+    assert nodes and all(helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size")) == 64
+                         for n in nodes)
+    assert all(len(n.input) < 4 or not n.input[3] for n in nodes)  # symmetric: no zero points
+    assert Captioner(artifact, decoder="ort-int4-fp16").describe(*random_pairs(1)[0]).ok
