@@ -227,6 +227,22 @@ def test_cuda_options_and_a_cpu_fallback_is_said(artifact_ort, caplog):
     assert "encoder.onnx: runs on the CPU, not cuda" in caplog.text
 
 
+def test_cpu_sessions_skip_the_arena_and_encode_one_image_at_a_time(artifact_ort, pairs, monkeypatch):
+    from idc_lite.backends import lite
+
+    backend = Captioner(artifact_ort, device="cpu").backend
+    assert backend.session.get_session_options().enable_cpu_mem_arena is False
+    pixels = compose_batch(pairs[:3], processor=backend.processor)
+    runs = []
+    real_run = backend.session.run
+    monkeypatch.setattr(backend.session, "run", lambda *args: runs.append(args[1]) or real_run(*args))
+    one_by_one = backend.encode(pixels)
+    assert [len(feed[backend.manifest.encoder["input"]]) for feed in runs] == [1, 1, 1]
+    monkeypatch.setattr(lite, "CPU_ENCODER_BATCH", 8)
+    np.testing.assert_allclose(one_by_one, backend.encode(pixels), rtol=1e-4, atol=1e-5)
+    assert len(runs) == 4  # the whole batch in one run
+
+
 def test_cli_selects_the_ort_decoder(artifact_ort, pairs, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
