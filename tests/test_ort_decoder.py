@@ -134,13 +134,15 @@ def test_batch_equals_one_by_one(artifact_ort, decoder, pairs):
         assert captions(lite, pairs, settings, batch_size=len(pairs)) == captions(lite, pairs, settings)
 
 
-def test_the_cache_lives_in_two_fixed_buffers(artifact_ort, ort_fp32, pairs):
-    """Each step reads one buffer and writes the other: no allocation, and the same logits as a fresh run."""
+def test_the_cache_lives_in_two_buffers_used_in_turn(artifact_ort, ort_fp32, pairs):
+    """Each step reads one buffer and writes the other; a buffer grows only when a step needs more room."""
+    from idc_lite.backends.ort_decoder import KVCache
+
     decoder = ort_fp32.decoder
     query = ort_fp32.encode(compose_batch(pairs[:3], processor=ort_fp32.processor))
     prefix = prefix_ids(ort_fp32.tokenizer, ort_fp32.tokens, None)
     rows, total = len(query), query.shape[1] + len(prefix)
-    cache = decoder.new_cache(rows, total + 2)
+    cache = decoder.new_cache(rows, total + 1)
     pointers = [list(cache.pointers(0)), list(cache.pointers(1))]
     logits = decoder._step(query, np.tile(prefix, (rows, 1)), total, np.arange(rows), cache)
     assert (cache.current, cache.rows, cache.length) == (1, rows, total)
@@ -148,17 +150,29 @@ def test_the_cache_lives_in_two_fixed_buffers(artifact_ort, ort_fp32, pairs):
     keep = np.array([2, 0])  # rows dropped and reordered, as greedy and beam search do
     step = decoder._step(decoder._no_embeds(2), logits.argmax(-1)[keep, None], total + 1, keep, cache)
     assert (cache.current, cache.rows, cache.length) == (0, 2, total + 1)
-    assert [list(cache.pointers(0)), list(cache.pointers(1))] == pointers
+    assert [list(cache.pointers(0)), list(cache.pointers(1))] == pointers  # no allocation
     for before, after in zip(prefill_cache, cache.arrays()):  # the kept rows' past, then the new position
         assert after.shape == (2, before.shape[1], total + 1, before.shape[3])
         np.testing.assert_array_equal(after[:, :, :total], before[keep])
-    # The same step on a cache allocated by nobody else gives the same logits.
-    fresh = decoder.new_cache(rows, total + 1)
-    decoder._step(query, np.tile(prefix, (rows, 1)), total, np.arange(rows), fresh)
-    again = decoder._step(decoder._no_embeds(2), logits.argmax(-1)[keep, None], total + 1, keep, fresh)
-    np.testing.assert_array_equal(step, again)
-    with pytest.raises(ValueError, match="exceeds the one allocated"):
-        decoder._step(decoder._no_embeds(2), step.argmax(-1)[:, None], total + 2, np.arange(2), fresh)
+    # A cache of all the rows outgrows the first buffers at its second step: the buffer written grows, once.
+    cache = decoder.new_cache(rows, total + 1)
+    first = [list(cache.pointers(0)), list(cache.pointers(1))]
+    logits = decoder._step(query, np.tile(prefix, (rows, 1)), total, np.arange(rows), cache)
+    order = np.array([2, 0, 1])
+    step = decoder._step(decoder._no_embeds(rows), logits.argmax(-1)[order, None], total + 1, order, cache)
+    assert [list(cache.pointers(0)), list(cache.pointers(1))] == first
+    tokens = step.argmax(-1)[:, None]
+    grown = decoder._step(decoder._no_embeds(rows), tokens, total + 2, np.arange(rows), cache)
+    assert cache.pointers(1) != first[1] and cache.pointers(0) == first[0]
+    moved = list(cache.pointers(1))
+    for extra in (3, 4):
+        decoder._step(decoder._no_embeds(rows), grown.argmax(-1)[:, None], total + extra, np.arange(rows), cache)
+    assert cache.pointers(1) == moved and cache.length == total + 4  # room for GROWTH more positions
+    # The same steps on a cache that never had to grow give the same logits.
+    roomy = decoder.new_cache(rows, total + KVCache.GROWTH)
+    decoder._step(query, np.tile(prefix, (rows, 1)), total, np.arange(rows), roomy)
+    decoder._step(decoder._no_embeds(rows), logits.argmax(-1)[order, None], total + 1, order, roomy)
+    np.testing.assert_array_equal(grown, decoder._step(decoder._no_embeds(rows), tokens, total + 2, np.arange(rows), roomy))
 
 
 def _cuda_available() -> bool:

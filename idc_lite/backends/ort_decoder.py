@@ -3,8 +3,9 @@
 The decoder graph (written by ``export/ort_decoder.py``) holds the token embedding table, the OPT
 layers and the LM head; its KV cache goes in and out as one key and one value tensor per layer.
 The cache never comes back to Python: each generation allocates two fixed buffers per cache tensor
-(:class:`KVCache`, on the GPU under CUDA, in host memory on CPU) and each step reads the past from one
-and writes the present into the other (I/O binding by pointer), and the graph's ``beam_idx`` input picks the cache rows each new row continues, which is how beam
+(:class:`KVCache`, on the GPU under CUDA, in host memory on CPU, grown when a step needs more room) and
+each step reads the past from one and writes the present into the other (I/O binding by pointer), and
+the graph's ``beam_idx`` input picks the cache rows each new row continues, which is how beam
 search reorders it and how finished greedy rows are dropped, without a copy through numpy. The cache
 is fp32, or fp16 for ``ort-int4-fp16`` (read from the graph's inputs); the logits are always fp32.
 
@@ -83,7 +84,7 @@ class OrtDecoder:
     # -- one forward step -------------------------------------------------------------------
 
     def new_cache(self, rows: int, length: int) -> "KVCache":
-        """An empty cache for a generation of at most ``rows`` rows and ``length`` positions."""
+        """An empty cache with room for ``rows`` rows and ``length`` positions (it grows when a step needs more)."""
         return KVCache(self, rows, length)
 
     def _step(self, embeds: np.ndarray, ids: np.ndarray, total_len: int, beam_idx: np.ndarray,
@@ -112,10 +113,10 @@ class OrtDecoder:
                                    cache.shape(cache.rows, cache.length), pointer)
         binding.bind_output(LOGITS, "cpu")
         spare = 1 - cache.current
+        cache.reserve(spare, rows, total_len)
         for name, pointer in zip(self.present, cache.pointers(spare)):
             binding.bind_output(name, self.device_type, self.device_id, self.cache_dtype,
                                 cache.shape(rows, total_len), pointer)
-        cache.check(rows, total_len)
         self.session.run_with_iobinding(binding)
         cache.current, cache.rows, cache.length = spare, rows, total_len
         return binding.get_outputs()[0].numpy()
@@ -145,7 +146,7 @@ class OrtDecoder:
         eos = np.asarray(options["eos_token_id"], dtype=np.int64)
         ids = np.tile(np.asarray(prefix, dtype=np.int64), (batch, 1))
         total = query.shape[1] + ids.shape[1]
-        cache = self.new_cache(batch, total + options["max_new_tokens"])
+        cache = self.new_cache(batch, total + min(options["max_new_tokens"], KVCache.GROWTH))
         logits = self._step(query, ids, total, np.arange(batch), cache)
         rows = np.arange(batch)  # batch item of each row still running
         out = [[] for _ in range(batch)]
@@ -177,7 +178,7 @@ class OrtDecoder:
         ids = np.tile(np.asarray(prefix, dtype=np.int64), (batch, 1))
         total = query.shape[1] + ids.shape[1]
         # The prefill runs once per batch item; its cache rows are then repeated for the beams.
-        cache = self.new_cache(batch * beams, total + max_new)
+        cache = self.new_cache(batch * beams, total + min(max_new, KVCache.GROWTH))
         logits = self._step(query, ids, total, np.arange(batch), cache)
         logits = np.repeat(logits, beams, axis=0)
         cache_rows = np.repeat(np.arange(batch), beams)  # cache row of each (item, beam); then one row each
@@ -243,44 +244,56 @@ class OrtDecoder:
 
 
 class KVCache:
-    """The KV cache of one generation: two fixed buffers per cache tensor, used in turn.
+    """The KV cache of one generation: two buffers per cache tensor, used in turn.
 
     Each step reads the past from one buffer and writes the present into the other (bound by pointer,
-    on the session's device), so that no step allocates. Letting ONNX Runtime allocate each step's
-    cache instead, one position longer than the one it frees, left its arena unable to reuse the
-    freed blocks, and it grew by more than the cache itself (OPT-2.7B widths at a quarter of the
-    depth, batch 32, on a CPU: 1.07 GiB resident after loading, 1.60 after the prefill, 2.37 after
-    20 tokens; 2.02 with these buffers, the rest being the cache). The lite process's GPU peak grew
-    the same way with the batch on an H200 (1.78 GiB at batch 1, 3.73 at 32, README), measured
-    before these buffers. Host buffers are numpy arrays (pages touched only as the cache grows),
-    device ones ORT values.
+    on the session's device), so that a step allocates nothing unless the buffer it writes is too
+    small; that buffer is then replaced by one :data:`GROWTH` positions longer than the step needs.
+    Letting ONNX Runtime allocate each step's cache instead, one position longer than the one it
+    frees, left its arena unable to reuse the freed blocks, and it grew by more than the cache itself
+    (OPT-2.7B widths at a quarter of the depth, batch 32, on a CPU: 1.07 GiB resident after loading,
+    1.60 after the prefill, 2.37 after 20 tokens; 2.02 with these buffers, the rest being the cache).
+    The lite process's GPU peak grew the same way with the batch on an H200 (1.78 GiB at batch 1, 3.73
+    at 32, README), measured before these buffers. Host buffers are numpy arrays, device ones ORT values.
     """
 
+    #: Positions a (re)allocated buffer holds beyond what the step that needed it writes.
+    GROWTH = 32
+
     def __init__(self, decoder: "OrtDecoder", rows: int, length: int):
-        self.heads, self.head_dim, self.max_rows, self.max_length = decoder.num_heads, decoder.head_dim, rows, length
-        size = rows * decoder.num_heads * length * decoder.head_dim
+        self._decoder = decoder
+        self.heads, self.head_dim = decoder.num_heads, decoder.head_dim
+        self._buffers: list[list] = [[], []]
+        self._pointers: list[list[int]] = [[], []]
+        self._sizes = [0, 0]
+        for which in (0, 1):
+            self._allocate(which, rows * self.heads * length * self.head_dim)
+        self.current, self.rows, self.length = 0, 0, 0
+
+    def _allocate(self, which: int, size: int) -> None:
+        decoder = self._decoder
+        self._buffers[which] = []  # the old buffers go before the new ones are made
         if decoder.device_type == "cpu":
-            self._buffers = [[np.empty(size, dtype=decoder.cache_dtype) for _ in decoder.past] for _ in range(2)]
-            self._pointers = [[b.ctypes.data for b in buffers] for buffers in self._buffers]
+            buffers = [np.empty(size, dtype=decoder.cache_dtype) for _ in decoder.past]
+            pointers = [b.ctypes.data for b in buffers]
         else:
             from onnxruntime import OrtValue
 
-            self._buffers = [[OrtValue.ortvalue_from_shape_and_type([size], decoder.cache_dtype, decoder.device_type,
-                                                                   decoder.device_id) for _ in decoder.past]
-                             for _ in range(2)]
-            self._pointers = [[b.data_ptr() for b in buffers] for buffers in self._buffers]
-        self.current, self.rows, self.length = 0, 0, 0
+            buffers = [OrtValue.ortvalue_from_shape_and_type([size], decoder.cache_dtype, decoder.device_type,
+                                                            decoder.device_id) for _ in decoder.past]
+            pointers = [b.data_ptr() for b in buffers]
+        self._buffers[which], self._pointers[which], self._sizes[which] = buffers, pointers, size
+
+    def reserve(self, which: int, rows: int, length: int) -> None:
+        """Make buffer set ``which`` hold ``rows`` x ``length`` positions, growing it if it cannot."""
+        if rows * self.heads * length * self.head_dim > self._sizes[which]:
+            self._allocate(which, rows * self.heads * (length + self.GROWTH) * self.head_dim)
 
     def pointers(self, which: int) -> list[int]:
         return self._pointers[which]
 
     def shape(self, rows: int, length: int) -> list[int]:
         return [rows, self.heads, length, self.head_dim]
-
-    def check(self, rows: int, length: int) -> None:
-        if rows > self.max_rows or length > self.max_length:
-            raise ValueError(f"a cache of {rows} rows x {length} positions exceeds the one allocated "
-                             f"({self.max_rows} x {self.max_length})")
 
     def arrays(self) -> list[np.ndarray]:
         """The current cache tensors, copied to numpy (for checks)."""
