@@ -2,7 +2,7 @@
 
 The decoder graph (written by ``export/ort_decoder.py``) holds the token embedding table, the OPT
 layers and the LM head; its KV cache goes in and out as one key and one value tensor per layer.
-The cache never comes back to Python: each generation allocates two fixed buffers per cache tensor
+The cache never comes back to Python: each generation allocates two buffers per cache tensor
 (:class:`KVCache`, on the GPU under CUDA, in host memory on CPU, grown when a step needs more room) and
 each step reads the past from one and writes the present into the other (I/O binding by pointer), and
 the graph's ``beam_idx`` input picks the cache rows each new row continues, which is how beam
