@@ -48,7 +48,7 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Benchmark: {subject['name']}", "",
         f"- Machine: {describe(machine)}; load average at start {machine['load_average_1m']:.2f}",
-        f"- Memory bandwidth (array copy): {_num(bandwidth, '.1f')} GB/s",
+        f"- Host memory bandwidth (array copy): {_num(bandwidth, '.1f')} GB/s",
         f"- Libraries: {libraries}",
         f"- Run: `{results['command']}` at {results['created']}",
         f"- Artifact: `{subject['artifact']}`",
@@ -164,7 +164,11 @@ def decoder_table(results: dict) -> list[str]:
              "bandwidth. Issue 7 asks for CPU decode <= 1.5x the floor.", "",
              "| Backend | Weights read per token GiB | Floor ms | Measured ms/token | Measured / floor |",
              "|---|--:|--:|--:|--:|"]
-    for name, backend in results["backends"].items():
+    # The bandwidth is the host's: a floor for CPU backends only (a GPU reads its own memory).
+    on_cpu = {name: backend for name, backend in results["backends"].items() if backend["backend"]["device"] == "cpu"}
+    if not on_cpu:
+        return lines[:3] + ["No CPU backend in this run: the floor is a CPU figure (host memory bandwidth)."]
+    for name, backend in on_cpu.items():
         floor, measured = floor_ms(backend, bandwidth), batch_value(backend, 1, "decoder_ms_per_token")
         weights = backend.get("decoder_bytes")
         ratio = measured / floor if floor and measured is not None else None

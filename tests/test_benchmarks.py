@@ -184,3 +184,19 @@ def test_encoder_precision_is_built_and_cached_apart(tmp_path, monkeypatch):
         zero = [k for k in weights.keys() if (len(weights.get_slice(k).get_shape()) >= 2 or k.endswith("_embedding"))
                 and not weights.get_tensor(k).any()]
     assert zero == []
+
+
+def test_the_bandwidth_floor_is_shown_for_cpu_backends_only(bench):
+    import copy
+
+    from benchmarks.report import decoder_table
+
+    _, results = bench
+    table = "\n".join(decoder_table(results))
+    cpu = [name for name, backend in results["backends"].items() if backend["backend"]["device"] == "cpu"]
+    assert cpu and all(f"| {name} |" in table for name in cpu)
+    on_gpu = copy.deepcopy(results)
+    for backend in on_gpu["backends"].values():
+        backend["backend"]["device"] = "cuda"
+    table = "\n".join(decoder_table(on_gpu))
+    assert "No CPU backend in this run" in table and not any(f"| {name} |" in table for name in cpu)
