@@ -33,6 +33,7 @@ import torch
 
 from .errors import AtolError, ExportError, QuantizationError, ShapeError
 from .graph_ops import gemm_to_matmul, quantize_int4
+from .graph_ops import min_cosine as _cosine_min
 
 logger = logging.getLogger("export")
 
@@ -218,12 +219,3 @@ def validate_encoder(module: torch.nn.Module, path: Path, precision: str, image_
         return EncoderReport(path.name, precision, worst, None, len(inputs), cosine, enforce)
     logger.info("encoder %s on %d inputs: max |onnx - torch| = %.3g (tolerance %.3g)", how, len(inputs), worst, bound)
     return EncoderReport(path.name, precision, worst, bound, len(inputs), enforced=enforce)
-
-
-def _cosine_min(got: np.ndarray, expected: np.ndarray) -> float:
-    """Smallest cosine similarity between matching vectors (last axis): 1 where both are zero, 0 where one is."""
-    a, b = np.linalg.norm(got, axis=-1), np.linalg.norm(expected, axis=-1)
-    norms = a * b
-    cosine = (got * expected).sum(-1) / np.where(norms == 0, 1.0, norms)
-    cosine = np.where((a == 0) & (b == 0), 1.0, cosine)
-    return float(cosine.min())

@@ -1,4 +1,4 @@
-"""Graph edits both ONNX exporters share: ``Gemm`` rewritten as ``MatMul``, and int4 weight quantization."""
+"""What both ONNX exporters share: ``Gemm`` rewritten as ``MatMul``, int4 weight quantization, the cosine check."""
 
 from __future__ import annotations
 
@@ -42,6 +42,15 @@ def gemm_to_matmul(model):
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return model
+
+
+def min_cosine(got: np.ndarray, expected: np.ndarray) -> float:
+    """Smallest cosine similarity between matching vectors (last axis): 1 where both are zero, 0 where one is."""
+    a, b = np.linalg.norm(got, axis=-1), np.linalg.norm(expected, axis=-1)
+    norms = a * b
+    cosine = (got * expected).sum(-1) / np.where(norms == 0, 1.0, norms)
+    cosine = np.where((a == 0) & (b == 0), 1.0, cosine)
+    return float(cosine.min())
 
 
 def quantize_int4(model, source, block_size: int, symmetric: bool, accuracy_level: int, exclude=()):

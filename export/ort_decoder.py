@@ -80,7 +80,7 @@ import torch
 from idc_lite.backends.ort_decoder import INPUTS, LOGITS, ORT_DECODERS, cache_numpy_dtype, past_names
 
 from .errors import AtolError, ExportError, QuantizationError, ShapeError
-from .graph_ops import gemm_to_matmul, quantize_int4
+from .graph_ops import gemm_to_matmul, min_cosine, quantize_int4
 
 logger = logging.getLogger("export")
 
@@ -331,6 +331,5 @@ def graph_cosine(path: Path, reference: CachedDecoder, cases: list[dict]) -> flo
         with torch.inference_mode():
             expected = reference(*_args(case))[0].numpy().astype(np.float64)
         got = session.run([LOGITS], _feeds(case, reference.num_layers, cache_dtype))[0].astype(np.float64)
-        cosine = (got * expected).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(expected, axis=-1))
-        worst = min(worst, float(cosine.min()))
+        worst = min(worst, min_cosine(got, expected))
     return worst

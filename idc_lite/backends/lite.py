@@ -164,6 +164,7 @@ class LiteBackend:
         self._torch = torch
         self.tokenizer = load_tokenizer(manifest.path)
         self.session = open_session(manifest.file(manifest.encoder["file"]), self.device, providers, threads)
+        self._encoder_on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
         entry = manifest.decoders[self.decoder_name]
         if self.decoder_name in ORT_DECODERS:
             self.decoder = load_ort_decoder(manifest.file(entry["dir"]), entry, self.device, providers, threads)
@@ -186,7 +187,7 @@ class LiteBackend:
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """Query embeddings (batch, num_query_tokens, hidden) from the ONNX encoder."""
         name, output = self.manifest.encoder["input"], self.manifest.encoder["output"]
-        step = CPU_ENCODER_BATCH if self.session.get_providers()[0] == "CPUExecutionProvider" else len(pixels)
+        step = CPU_ENCODER_BATCH if self._encoder_on_cpu else len(pixels)
         if len(pixels) <= step:
             return self.session.run([output], {name: pixels})[0]
         return np.concatenate([self.session.run([output], {name: pixels[start:start + step]})[0]

@@ -30,7 +30,6 @@ from ..settings import GenerationSettings, TokenSettings
 
 logger = logging.getLogger("idc_lite")
 
-#: ONNX Runtime decoder names in a manifest -> weight precision of their MatMuls.
 #: Decoder name -> what its graph computes in: int4 weights with fp32 (CPU) or fp16 (CUDA) activations, or fp32.
 ORT_DECODERS = {"ort-int4": "int4", "ort-int4-fp16": "int4-fp16", "ort-fp32": "fp32"}
 
