@@ -11,7 +11,8 @@ model (fp32), once; the merged weights are saved and the stages read them from d
 
 The artifact is assembled in ``<out>.partial`` and renamed into place only when every step, its
 validation and the manifest are done: an interrupted or failed build never leaves a half artifact
-under the real name.
+under the real name. Before any weights are read, the disk must hold what the export surely writes
+(:mod:`export.space`); a disk that fills up anyway is said as such.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from idc_lite.backends.reference import load_tokenizer
 from idc_lite.backends.torch_decoder import TORCH_DECODERS
 from idc_lite.decoding import prefix_ids, token_settings
 from idc_lite.loading import check_blip2_dir, resolve_model_dir
+from idc_lite.memory import count_parameters, load_config, meta_model
 from idc_lite.runtime import quiet_libraries
 from idc_lite.settings import CompositionSettings, GenerationSettings, ProcessorSettings, to_dict
 
 from .errors import ExportError
+from .space import check_free_space, disk_full_error, export_disk_need
 from .parts import load_encoder_part, load_language_model
 
 logger = logging.getLogger("export")
@@ -87,8 +90,12 @@ def build_artifact(
     try:
         _build_into(work, base, adapter, revision, local_files_only, encoder_precision, names, name or out.name,
                     enforce_encoder_check, _ort_quantization(ort_block_size, ort_symmetric))
-    except BaseException:
+    except BaseException as exc:
+        full = disk_full_error(work.parent, exc)  # before cleaning up: the disk is still full
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work.with_name(work.name + ".merged"), ignore_errors=True)
+        if full is not None:
+            raise full from exc
         raise
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -119,6 +126,8 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
         raise ExportError(model_dir, f"processor size {processor.height}x{processor.width} "
                           f"differs from the vision model's {image_size}x{image_size}")
     adapter_source = find_adapter(adapter) if adapter else None
+    counts = count_parameters(meta_model(load_config(model_dir)))
+    check_free_space(work.parent, export_disk_need(counts, encoder_precision, decoders, adapter_source is not None))
     weights_dir = model_dir
     if adapter_source is not None:
         weights_dir = work.with_name(work.name + ".merged")

@@ -305,3 +305,63 @@ def test_int4_encoder_export(tiny_model, tmp_path, pairs):
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 in and out, for the runtime
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert all(result.ok for result in Captioner(artifact).describe_batch(pairs))
+
+
+def test_an_export_the_disk_cannot_hold_stops_before_reading_weights(tiny_model, legacy_adapter, tmp_path,
+                                                                      monkeypatch):
+    import export.build
+    import export.space
+
+    def no_weights(*args):
+        raise AssertionError("the weights were read before the disk space was checked")
+
+    monkeypatch.setattr(export.build, "load_encoder_part", no_weights)
+    monkeypatch.setattr(export.build, "_merge", no_weights)
+    monkeypatch.setattr(export.space.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    with pytest.raises(ExportError, match=r"not enough disk space for this export: it writes at least .* GiB .* "
+                                          r"0\.0 GiB are free") as caught:
+        build_artifact(tiny_model, tmp_path / "a", legacy_adapter)
+    assert str(tmp_path) in str(caught.value) and "\n" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("failure", ["no space", "onnx on a full disk"])
+def test_a_disk_that_fills_up_is_said_and_leaves_nothing(tiny_model, legacy_adapter, tmp_path, monkeypatch, failure):
+    import errno
+
+    import export.encoder
+    import export.space
+
+    if failure == "no space":
+        error = OSError(errno.ENOSPC, "No space left on device")
+    else:  # what onnx raised on an H200 machine whose disk two exports had filled
+        error = RuntimeError("Cannot open external data for tensor head")
+
+    def fill_up(*args, **kwargs):
+        if failure != "no space":  # the disk is full from here on (the check before the export saw room)
+            monkeypatch.setattr(export.space.shutil, "disk_usage",
+                                lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 4096, 4096))
+        raise error
+
+    monkeypatch.setattr(export.encoder, "export_encoder", fill_up)
+    with pytest.raises(ExportError, match="the disk filled up during the export") as caught:
+        build_artifact(tiny_model, tmp_path / "a", legacy_adapter)
+    assert caught.value.__cause__ is error and str(error) in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the .partial nor the .merged folder
+
+
+def test_the_disk_need_of_opt_2_7b_counts_what_the_exports_write():
+    from benchmarks.models import config_path
+    from export.space import export_disk_need
+    from idc_lite.memory import count_parameters, load_config, meta_model
+
+    counts = count_parameters(meta_model(load_config(config_path("blip2-opt-2.7b"))))
+    gib = 2**30
+    gpu = export_disk_need(counts, "int4", ("ort-int4-fp16",), merge=False)
+    # The fp32 graph the int4 decoder is quantized from (2.65e9 parameters): 9.9 GiB; the artifact ~1.7.
+    assert gpu["graph"] == 4 * counts.language_model and gpu["merged"] == gpu["tmp"] == 0
+    assert 1.5 * gib < gpu["artifact"] < 2 * gib
+    merged = export_disk_need(counts, "int4", ("ort-int4-fp16",), merge=True)
+    assert merged["merged"] == 4 * counts.unique  # the merged fp32 weights, 14.5 GiB
+    default = export_disk_need(counts, "fp32", ("bnb-int4", "ort-int4"), merge=False)
+    assert default["tmp"] == default["graph"] and default["artifact"] > gpu["artifact"] + 3 * gib
