@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from .processes import run_child
 CONFIGS = Path(__file__).resolve().parent.parent / "idc_lite" / "configs"
 #: Bump when :mod:`benchmarks.build` changes what it writes: cached builds are then rebuilt.
 BUILD_VERSION = 4  # 3: ONNX weights always in external-data files; 4: no zero vision model
+logger = logging.getLogger("benchmarks")
 #: Decoders exported into a random model's artifact unless ``--decoders`` says otherwise.
 DEFAULT_DECODERS = ("bnb-int4", "ort-int4")
 
@@ -143,6 +146,36 @@ def random_subject(
     encoder = "" if encoder_precision == "fp32" else f"-encoder-{encoder_precision}"
     ort = ("" if ort_block_size is None else f"-block{ort_block_size}") + ("-symmetric" if ort_symmetric else "")
     model, artifact = root / "model", root / f"artifact-{'+'.join(decoders)}{encoder}{ort}"
+    with _build_lock(root):
+        return _build(root, model, artifact, label, config, decoders, depth_scale, seed, rebuild, encoder_precision,
+                      ort_block_size, ort_symmetric, logs)
+
+
+@contextmanager
+def _build_lock(root: Path):
+    """Hold ``<root>.lock`` while building ``root``: a second benchmark on the same cache waits for
+    the first one's build and then uses it, instead of building it again over the first's files.
+    (No lock where ``fcntl`` is missing: Windows.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process that is building %s", root)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(root: Path, model: Path, artifact: Path, label: str, config, decoders, depth_scale, seed, rebuild,
+           encoder_precision, ort_block_size, ort_symmetric, logs: Path) -> Subject:
     record_path = root / "build.json"
     record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() and not rebuild else {}
     if rebuild:

@@ -186,6 +186,29 @@ def test_encoder_precision_is_built_and_cached_apart(tmp_path, monkeypatch):
     assert zero == []
 
 
+def test_a_second_run_waits_for_the_build_of_the_same_model(tmp_path, monkeypatch, caplog):
+    import logging
+    import threading
+
+    import benchmarks.models as models
+
+    fcntl = pytest.importorskip("fcntl")
+    built = []
+    monkeypatch.setattr(models, "_build", lambda root, *args: built.append(root) or root)
+    root = models.random_subject(None, tmp_path, tmp_path / "logs")
+    caplog.set_level(logging.INFO, "benchmarks")
+    with open(root.with_name(root.name + ".lock"), "a") as held:  # another process building it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=models.random_subject, args=(None, tmp_path, tmp_path / "logs"))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and built == [root]
+        fcntl.flock(held, fcntl.LOCK_UN)
+    waiter.join(30)
+    assert not waiter.is_alive() and built == [root, root]
+    assert f"waiting for another process that is building {root}" in caplog.text
+
+
 def test_the_bandwidth_floor_is_shown_for_cpu_backends_only(bench):
     import copy
 
