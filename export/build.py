@@ -34,6 +34,7 @@ from idc_lite.loading import check_blip2_dir, resolve_model_dir
 from idc_lite.memory import count_parameters, load_config, meta_model
 from idc_lite.runtime import quiet_libraries
 from idc_lite.settings import CompositionSettings, GenerationSettings, ProcessorSettings, to_dict
+from idc_lite.tokenizer import check_bare_tokenizer
 
 from .errors import ExportError
 from .space import check_free_space, disk_full_error, export_disk_need
@@ -142,6 +143,9 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
             shutil.rmtree(weights_dir, ignore_errors=True)
 
     tokenizer.save_pretrained(work)
+    bare_tokenizer = check_bare_tokenizer(tokenizer, work / "tokenizer.json")
+    if bare_tokenizer["runtime"] != "tokenizers":
+        logger.info("the runtime will load the tokenizer with transformers: %s", bare_tokenizer["why"])
     for extra in ("preprocessor_config.json",):
         if (model_dir / extra).is_file():
             shutil.copyfile(model_dir / extra, work / extra)
@@ -160,6 +164,7 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
         "generation": to_dict(GenerationSettings()),
         "processor": to_dict(processor),
         "tokens": to_dict(tokens),
+        "tokenizer": bare_tokenizer,
         "encoder": encoder.as_dict(),
         "decoders": entries,
     })

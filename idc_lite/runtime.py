@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -18,8 +19,35 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def cuda_driver_devices() -> int:
+    """CUDA devices the NVIDIA driver reports, 0 without a driver; asked without importing torch."""
+    import ctypes
+    import ctypes.util
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll", ctypes.util.find_library("cuda")):
+        if not name:
+            continue
+        try:
+            driver = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a CUDA GPU is usable, else ``cpu``; ``cuda:N`` is kept."""
+    """``auto`` -> ``cuda`` when a CUDA GPU is usable, else ``cpu``; ``cuda:N`` is kept.
+
+    ``auto`` on a machine without an NVIDIA driver is settled without importing torch (a second of
+    start-up on a CPU, where the lite runtime needs no torch at all); with one, torch decides.
+    """
+    if device == "auto" and "torch" not in sys.modules and not cuda_driver_devices():
+        return "cpu"
+    if device == "cpu":
+        return device
     import torch
 
     if device == "auto":

@@ -365,3 +365,46 @@ def test_the_disk_need_of_opt_2_7b_counts_what_the_exports_write():
     assert merged["merged"] == 4 * counts.unique  # the merged fp32 weights, 14.5 GiB
     default = export_disk_need(counts, "fp32", ("bnb-int4", "ort-int4"), merge=False)
     assert default["tmp"] == default["graph"] and default["artifact"] > gpu["artifact"] + 3 * gib
+
+
+def test_the_runtime_tokenizer_is_the_bare_file_the_export_checked(artifact_int4, pairs):
+    from idc_lite.backends.reference import load_tokenizer
+    from idc_lite.decoding import decode
+    from idc_lite.tokenizer import BareTokenizer
+
+    manifest = load_manifest(artifact_int4)
+    transformers_tokenizer = load_tokenizer(artifact_int4)
+    assert manifest.data["tokenizer"] == {"runtime": "tokenizers", "checked": {
+        "token_ids": len(transformers_tokenizer), "sequences": 256, "prompts": 5}}
+    lite = Captioner(artifact_int4, generation=GEN)
+    assert isinstance(lite.backend.tokenizer, BareTokenizer)
+    settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, prompt="what changed?")
+    ids = lite.backend.generate(compose_batch(pairs, processor=lite.backend.processor), settings)
+    assert decode(lite.backend.tokenizer, ids) == decode(transformers_tokenizer, ids)
+    assert prefix_ids(lite.backend.tokenizer, lite.backend.tokens, "what changed?") == \
+        prefix_ids(transformers_tokenizer, lite.backend.tokens, "what changed?")
+
+
+def test_a_tokenizer_transformers_decodes_otherwise_stays_with_transformers(artifact_int4):
+    from idc_lite.backends.reference import load_tokenizer
+    from idc_lite.tokenizer import BareTokenizer, check_bare_tokenizer, load_artifact_tokenizer
+
+    real = load_tokenizer(artifact_int4)
+
+    class KeepsSpecialTokens:  # a transformers tokenizer that does not count the file's special tokens so
+        all_special_ids = real.all_special_ids
+
+        def __len__(self):
+            return len(real)
+
+        def __call__(self, *args, **kwargs):
+            return real(*args, **kwargs)
+
+        def batch_decode(self, sequences, skip_special_tokens=False):
+            return real.batch_decode(sequences, skip_special_tokens=False)
+
+    verdict = check_bare_tokenizer(KeepsSpecialTokens(), artifact_int4 / "tokenizer.json")
+    assert verdict["runtime"] == "transformers" and "with transformers" in verdict["why"]
+    assert not isinstance(load_artifact_tokenizer(artifact_int4, verdict), BareTokenizer)
+    assert check_bare_tokenizer(real, artifact_int4 / "missing.json") == {"runtime": "transformers",
+                                                                         "why": "no tokenizer.json"}

@@ -38,6 +38,7 @@ from ..decoding import generate_kwargs, inputs_embeds, prefix_ids
 from ..errors import AdapterError, ArtifactError
 from ..runtime import resolve_device
 from ..settings import GenerationSettings
+from ..tokenizer import load_artifact_tokenizer
 from .ort_decoder import ORT_DECODERS, load_ort_decoder
 from .torch_decoder import TORCH_DECODERS, load_torch_decoder
 
@@ -154,21 +155,18 @@ class LiteBackend:
         self.device = resolve_device(device)
         self.decoder_name = self._choose_decoder(decoder)
 
-        from ..runtime import quiet_libraries
-
-        quiet_libraries()
-        import torch
-
-        from .reference import load_tokenizer
-
-        self._torch = torch
-        self.tokenizer = load_tokenizer(manifest.path)
+        # No torch or transformers on the ONNX Runtime path (about half of a CPU caption's start-up): the
+        # tokenizer is the bare tokenizer.json where the export checked it (idc_lite/tokenizer.py).
+        self.tokenizer = load_artifact_tokenizer(manifest.path, manifest.data.get("tokenizer"))
         self.session = open_session(manifest.file(manifest.encoder["file"]), self.device, providers, threads)
         self._encoder_on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
         entry = manifest.decoders[self.decoder_name]
         if self.decoder_name in ORT_DECODERS:
             self.decoder = load_ort_decoder(manifest.file(entry["dir"]), entry, self.device, providers, threads)
         else:
+            from ..runtime import quiet_libraries
+
+            quiet_libraries()
             self.decoder = load_torch_decoder(manifest.file(entry["dir"]), self.decoder_name, self.device)
 
     def _choose_decoder(self, decoder: str | None) -> str:
@@ -198,7 +196,8 @@ class LiteBackend:
         prefix = prefix_ids(self.tokenizer, self.tokens, settings.prompt)
         if self.decoder_name in ORT_DECODERS:
             return self.decoder.generate(query, prefix, settings, self.tokens)
-        torch = self._torch
+        import torch
+
         with torch.inference_mode():
             embeds = inputs_embeds(self.decoder, torch.from_numpy(query), prefix)
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
