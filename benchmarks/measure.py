@@ -268,14 +268,16 @@ def measure(spec: dict, out: Path) -> dict:
     write = lambda: out.write_text(json.dumps(result, indent=1), encoding="utf-8")  # noqa: E731
     gpu = None
     try:
-        import torch
-
         if backend["device"].startswith("cuda"):
             gpu = GpuPeak(int(backend["device"].split(":")[1]) if ":" in backend["device"] else 0)
         started = time.perf_counter()
         loaded = load(backend, spec.get("artifact"))
+        # torch only if the backend imported it: the lite runtime on a CPU does without it, and its
+        # start-up and memory are measured as a user gets them.
+        torch = sys.modules.get("torch")
         result.update(load_s=time.perf_counter() - started, rss_after_load_bytes=peak_rss_bytes(),
-                      torch_threads=torch.get_num_threads(), decoder_bytes=loaded.decoder_bytes, **loaded.details)
+                      torch_threads=torch.get_num_threads() if torch else None, torch_imported=torch is not None,
+                      decoder_bytes=loaded.decoder_bytes, **loaded.details)
         if gpu is not None:
             result["gpu_after_load_bytes"] = gpu.current()
         write()

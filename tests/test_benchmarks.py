@@ -88,6 +88,9 @@ def test_every_backend_measured_in_its_own_process(bench):
                 assert summary["median"] > 0
             assert row["peak_rss_bytes"] >= backend["rss_after_load_bytes"] > 0
         assert set(backend["decoder_ms_per_token"]) == {str(b) for b in BATCH_SIZES}
+    # The lite ONNX Runtime backend on a CPU runs, and is measured, without torch: its start-up and memory
+    # are what a user gets (the reference and bitsandbytes need torch).
+    assert {name for name, b in backends.items() if not b["torch_imported"]} == {"lite-ort-int4-cpu"}
     # Peak memory is each process's own: not one figure inherited by all of them.
     assert len({b["batches"][-1]["peak_rss_bytes"] for b in backends.values()}) > 1
     stages = results["subject"]["build"]["stages"]
