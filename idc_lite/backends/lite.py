@@ -5,7 +5,8 @@ device is a GPU, else CPU). Its query embeddings, followed by the embedded prefi
 if any), are the decoder's input. A torch decoder (``bnb-int4``, ``torch-fp16/32``) then generates with
 transformers exactly as the reference backend's language model does (same prefix, stopping rule and
 settings); an ONNX Runtime decoder (``ort-int4``, ``ort-int4-fp16``, ``ort-fp32``) reproduces that
-generation token for token with its own loop (:mod:`idc_lite.backends.ort_decoder`).
+generation token for token with its own loop (:mod:`idc_lite.backends.ort_decoder`). On a CPU that
+path imports neither torch nor transformers (:mod:`idc_lite.tokenizer`).
 
 Default decoder per device (:data:`DEFAULT_DECODERS`, the first one the artifact holds): on CUDA
 ``ort-int4-fp16`` (int4 weights, fp16 activations and cache, built with ``--decoder ort-int4-fp16``),
