@@ -80,15 +80,17 @@ def disk_full_error(place: Path, exc: BaseException) -> ExportError | None:
         seen.add(id(chain))
         no_space |= isinstance(chain, OSError) and chain.errno == errno.ENOSPC
         chain = chain.__cause__ or chain.__context__
-    try:
-        free = shutil.disk_usage(place).free
+    try:  # the fuller of the artifact's disk and the temporary folder's (bnb-int4 writes there)
+        free, which, place = min((shutil.disk_usage(p).free, i, p)
+                                 for i, p in enumerate((Path(place), Path(tempfile.gettempdir()))))
     except OSError:
         return None
     if not no_space and free >= LOW_SPACE:
         return None
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    hint = "--out" if which == 0 else "TMPDIR"
     return ExportError(place, f"the disk filled up during the export ({free / 2**20:.0f} MiB left; {first}); "
-                       "free some space or build elsewhere (--out)")
+                       f"free some space or build elsewhere ({hint})")
 
 
 def _gib(n_bytes: float) -> str:

@@ -408,3 +408,22 @@ def test_a_tokenizer_transformers_decodes_otherwise_stays_with_transformers(arti
     assert not isinstance(load_artifact_tokenizer(artifact_int4, verdict), BareTokenizer)
     assert check_bare_tokenizer(real, artifact_int4 / "missing.json") == {"runtime": "transformers",
                                                                          "why": "no tokenizer.json"}
+
+
+def test_a_full_temporary_folder_is_named_as_the_full_disk(tmp_path, monkeypatch):
+    import errno
+
+    import export.space
+    from export.space import disk_full_error
+
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(export.space.tempfile, "gettempdir", lambda: str(system_tmp))
+    monkeypatch.setattr(export.space.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(
+        10**12, 10**12, 2**20 if path == system_tmp else 10**11))
+    error = disk_full_error(tmp_path, OSError(errno.ENOSPC, "No space left on device"))
+    assert str(error).startswith(f"{system_tmp}: the disk filled up during the export (1 MiB left; ")
+    assert str(error).endswith("(TMPDIR)")
+    assert disk_full_error(tmp_path, ExportError(tmp_path, "said already")) is None
+    monkeypatch.setattr(export.space.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 10**11))
+    assert disk_full_error(tmp_path, ValueError("not a disk problem")) is None  # room on both disks
