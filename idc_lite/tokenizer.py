@@ -40,8 +40,9 @@ class BareTokenizer:
         return {"input_ids": self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
-        return self._tokenizer.decode_batch([list(map(int, s)) for s in sequences],
-                                            skip_special_tokens=skip_special_tokens)
+        # One sequence at a time, as transformers does: decode_batch would start the Rust thread pool
+        # in the host process (tokenizers then warns in every child a later fork makes).
+        return [self._tokenizer.decode(list(map(int, s)), skip_special_tokens=skip_special_tokens) for s in sequences]
 
 
 def check_bare_tokenizer(tokenizer, path: Path, seed: int = 0) -> dict:
