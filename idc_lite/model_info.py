@@ -38,6 +38,7 @@ def _artifact_report(path, device: str) -> dict:
         "encoder": f"{encoder['file']} {encoder['precision']}, " + _encoder_check(encoder['validation']),
         "decoders": ", ".join(f"{name} ({entry['precision']}, logits cosine {entry['validation']['logits_cosine_min']:.4f})"
                               for name, entry in manifest.decoders.items()),
+        "tokenizer": _tokenizer(data.get("tokenizer") or {}),
         "generation": ", ".join(f"{k}={v}" for k, v in data["generation"].items()),
         "composition": f"size policy {data['composition']['size_policy']}",
         "built": f"{data.get('created')} with idc-lite {data.get('built_with', {}).get('idc_lite')}",
@@ -46,6 +47,14 @@ def _artifact_report(path, device: str) -> dict:
     return {"name": manifest.name, "kind": "idc-lite artifact", "path": str(manifest.path), "summary": summary,
             "files": data["files"], "manifest": data,
             "plan": {"device": device, "encoder providers": providers, "decoder": decoder}}
+
+
+def _tokenizer(entry: dict) -> str:
+    if entry.get("runtime") == "tokenizers":
+        checked = entry.get("checked", {})
+        return (f"tokenizer.json through tokenizers, no transformers (same as transformers' on all "
+                f"{checked.get('token_ids')} token ids, {checked.get('sequences')} sequences, {checked.get('prompts')} prompts)")
+    return "transformers" + (f" ({entry['why']})" if entry.get("why") else " (not checked at export)")
 
 
 def _base(base: dict) -> str:

@@ -267,6 +267,7 @@ def test_cli_runs_artifacts_and_reports_on_them(artifact_int4, pairs, tmp_path, 
         main(["info", str(artifact_int4)])
     text = capsys.readouterr().out
     assert "bnb-int4 (int4, logits cosine" in text and "decoder/model.safetensors" in text
+    assert "tokenizer: tokenizer.json through tokenizers, no transformers (same as transformers' on all" in text
     with pytest.raises(SystemExit) as info:
         main(["describe", str(tmp_path / "b.png"), str(tmp_path / "a.png"), "-m", str(artifact_int4), "--backend", "reference"])
     assert info.value.code == 2 and "not a model directory" in capsys.readouterr().err
