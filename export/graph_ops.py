@@ -17,13 +17,14 @@ def gemm_to_matmul(model):
 
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    nodes = []
+    nodes, rewritten = [], 0
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if (node.op_type != "Gemm" or node.input[1] not in initializers or attrs.get("transA", 0)
                 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             nodes.append(node)
             continue
+        rewritten += 1
         weight = numpy_helper.to_array(initializers[node.input[1]])
         if attrs.get("transB", 0):
             weight = np.ascontiguousarray(weight.T)
@@ -35,12 +36,15 @@ def gemm_to_matmul(model):
             nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=node.name + "_bias"))
         else:
             nodes.append(helper.make_node("MatMul", [node.input[0], name], [node.output[0]], name=node.name + "_matmul"))
+    if not rewritten:
+        return model
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for node in graph.node for i in node.input}
-    keep = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    # Removed where they are: rebuilding the list would copy every weight (and python protobuf keeps
+    # the memory of the old copies until the whole model goes).
+    for init in [init for init in graph.initializer if init.name not in used]:
+        graph.initializer.remove(init)
     return model
 
 

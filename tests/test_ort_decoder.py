@@ -388,3 +388,27 @@ def test_ort_int4_block_size_and_symmetry_are_chosen_at_export(tiny_model, legac
                          for n in nodes)
     assert all(len(n.input) < 4 or not n.input[3] for n in nodes)  # symmetric: no zero points
     assert Captioner(artifact, decoder="ort-int4-fp16").describe(*random_pairs(1)[0]).ok
+
+
+def test_decoder_layers_are_exported_as_matmuls_on_stored_transposes(artifact_ort, torch_fp32):
+    """Every layer's Linear reaches the graph as MatMul on an (in, out) initializer, with no Gemm to
+    rewrite: the rewrite copied every weight into an in-memory protobuf, the export's memory peak."""
+    import onnx
+
+    from export.ort_decoder import MatMulLinear, linears_as_matmuls
+
+    graph = onnx.load(str(artifact_ort / "ort-fp32" / "decoder.onnx"), load_external_data=False).graph
+    ops = {node.op_type for node in graph.node}
+    shapes = {init.name: list(init.dims) for init in graph.initializer}
+    layer = torch_fp32.model.decoder.layers[0]
+    assert "Gemm" not in ops and "MatMulNBits" not in ops
+    assert shapes["model.decoder.layers.0.fc1.weight_t"] == list(layer.fc1.weight.shape[::-1])
+    # The same function as nn.Linear, on 2-D and 3-D inputs.
+    copy = type(torch_fp32)(torch_fp32.config).eval()
+    copy.load_state_dict(torch_fp32.state_dict())
+    linears_as_matmuls(copy)
+    moved = copy.model.decoder.layers[0]
+    assert isinstance(moved.fc1, MatMulLinear) and isinstance(moved.self_attn.q_proj, MatMulLinear)
+    for shape in ((5, layer.fc1.in_features), (2, 3, layer.fc1.in_features)):
+        x = torch.randn(*shape)
+        torch.testing.assert_close(moved.fc1(x), layer.fc1(x), rtol=1e-5, atol=1e-6)
