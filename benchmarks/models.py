@@ -28,7 +28,7 @@ from .processes import run_child
 
 CONFIGS = Path(__file__).resolve().parent.parent / "idc_lite" / "configs"
 #: Bump when :mod:`benchmarks.build` changes what it writes: cached builds are then rebuilt.
-BUILD_VERSION = 5  # 3: ONNX weights always in external-data files; 4: no zero vision model; 5: tokenizer check
+BUILD_VERSION = 6  # 3: external-data weights; 4: no zero vision model; 5: tokenizer check; 6: MatMul layers
 logger = logging.getLogger("benchmarks")
 #: Decoders exported into a random model's artifact unless ``--decoders`` says otherwise.
 DEFAULT_DECODERS = ("bnb-int4", "ort-int4")
