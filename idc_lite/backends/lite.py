@@ -160,7 +160,7 @@ class LiteBackend:
         self.device = resolve_device(device)
         self.decoder_name = self._choose_decoder(decoder)
 
-        # No torch or transformers on the ONNX Runtime path (about half of a CPU caption's start-up): the
+        # No torch or transformers on the ONNX Runtime path (most of a CPU caption's start-up): the
         # tokenizer is the bare tokenizer.json where the export checked it (idc_lite/tokenizer.py).
         self.tokenizer = load_artifact_tokenizer(manifest.path, manifest.data.get("tokenizer"))
         self.session = open_session(manifest.file(manifest.encoder["file"]), self.device, providers, threads)
