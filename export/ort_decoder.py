@@ -59,6 +59,9 @@ Runtime 1.31, 2 threads):
 its captions are ``ort-int4``'s on the CPU, CIDEr 134.97 against 134.20 (README); OPT-2.7B shapes on an
 H200: README "Benchmarks".
 
+The runtime overwrites a layer's past while the step runs (``KVCache``): the export checks that each
+past input is read by its layer's ``beam_idx`` Gather alone (:func:`check_past_reads`).
+
 Validation, as for the encoder: the unquantized graph is run against the same module in torch on a
 prefill, a padded prefill (positions from the mask) and a decode step with reordered cache rows;
 a difference above the tolerance raises :class:`AtolError`, a wrong shape :class:`ShapeError`. The
@@ -203,6 +206,7 @@ def export_ort_decoder(
             diff, bound = validate_graph(module, graph, cases, table_precision)
             if precision != "fp32":
                 _quantize(graph, path, block_size, symmetric, accuracy_level, half=precision == "int4-fp16")
+        check_past_reads(path)
         cosine = graph_cosine(path, reference, cases)
         logger.info("decoder %s: next-token logits cosine similarity to fp32 = %.5f", name, cosine)
         if cosine < MIN_COSINE[precision]:
@@ -283,6 +287,32 @@ def _quantize(source: Path, path: Path, block_size: int, symmetric: bool, accura
     logger.info("quantizing the decoder's MatMuls to int4 (block %d, %s, accuracy level %d)", block_size,
                 "symmetric" if symmetric else "asymmetric", accuracy_level)
     _save(quantize_int4(model, source, block_size, symmetric, accuracy_level, exclude=head_nodes), path)
+
+
+#: The only nodes that may read a ``past.*`` input: the cache rows' Gather by ``beam_idx``, and Shape.
+PAST_READERS = ("Gather", "Shape")
+
+
+def check_past_reads(path: Path) -> None:
+    """Raise :class:`ExportError` unless each ``past.*`` input of the graph is read by one Gather (and Shapes).
+
+    The runtime's cache (:class:`idc_lite.backends.ort_decoder.KVCache`) writes layer ``j``'s present
+    where layer ``j - 1``'s past was. That is safe when every past tensor is read once, by the Gather
+    whose output feeds its own layer, before anything depends on that layer's output.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    past = {i.name for i in graph.input if i.name.startswith("past.")}
+    readers: dict[str, list[str]] = {name: [] for name in past}
+    for node in graph.node:
+        for name in node.input:
+            if name in past:
+                readers[name].append(node.op_type)
+    for name, ops in sorted(readers.items()):
+        if ops.count("Gather") != 1 or set(ops) - set(PAST_READERS):
+            raise ExportError(path, f"the decoder graph reads {name} with {', '.join(ops) or 'nothing'}; the cache "
+                              "needs it read by one Gather (and Shape) only")
 
 
 def validation_cases(module: CachedDecoder, query_embeds: torch.Tensor, prefix: list[int]) -> list[dict]:

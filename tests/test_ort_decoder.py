@@ -134,45 +134,62 @@ def test_batch_equals_one_by_one(artifact_ort, decoder, pairs):
         assert captions(lite, pairs, settings, batch_size=len(pairs)) == captions(lite, pairs, settings)
 
 
-def test_the_cache_lives_in_two_buffers_used_in_turn(artifact_ort, ort_fp32, pairs):
-    """Each step reads one buffer and writes the other; a buffer grows only when a step needs more room."""
+def _unbound_steps(decoder, query, prefix, steps) -> list[np.ndarray]:
+    """The logits of a prefill and decode steps run without binding: ONNX Runtime allocates every cache."""
+    from idc_lite.backends.ort_decoder import INPUTS
+
+    rows, total = len(query), query.shape[1] + len(prefix)
+    past = [np.zeros((rows, decoder.num_heads, 0, decoder.head_dim), dtype=decoder.cache_dtype)] * len(decoder.past)
+    embeds, ids, beam_idx, out = query, np.tile(prefix, (rows, 1)), np.arange(rows), []
+    for order in [None, *steps]:
+        if order is not None:
+            beam_idx, embeds, ids = order, decoder._no_embeds(len(order)), out[-1].argmax(-1)[order, None]
+            total += 1
+        feeds = dict(zip(INPUTS, (embeds, ids, np.ones((len(ids), total), dtype=np.int64), beam_idx)))
+        logits, *past = decoder.session.run(None, {**feeds, **dict(zip(decoder.past, past))})
+        out.append(logits)
+    return out
+
+
+def test_the_cache_turns_through_one_slot_per_layer_and_a_spare(ort_fp32, pairs):
+    """A step writes layer j's present where layer j - 1's past was; the logits are those of unbound runs."""
     from idc_lite.backends.ort_decoder import KVCache
 
     decoder = ort_fp32.decoder
     query = ort_fp32.encode(compose_batch(pairs[:3], processor=ort_fp32.processor))
     prefix = prefix_ids(ort_fp32.tokenizer, ort_fp32.tokens, None)
     rows, total = len(query), query.shape[1] + len(prefix)
-    cache = decoder.new_cache(rows, total + 1)
-    pointers = [list(cache.pointers(0)), list(cache.pointers(1))]
-    logits = decoder._step(query, np.tile(prefix, (rows, 1)), total, np.arange(rows), cache)
-    assert (cache.current, cache.rows, cache.length) == (1, rows, total)
-    prefill_cache = [array.copy() for array in cache.arrays()]
-    keep = np.array([2, 0])  # rows dropped and reordered, as greedy and beam search do
-    step = decoder._step(decoder._no_embeds(2), logits.argmax(-1)[keep, None], total + 1, keep, cache)
-    assert (cache.current, cache.rows, cache.length) == (0, 2, total + 1)
-    assert [list(cache.pointers(0)), list(cache.pointers(1))] == pointers  # no allocation
-    for before, after in zip(prefill_cache, cache.arrays()):  # the kept rows' past, then the new position
-        assert after.shape == (2, before.shape[1], total + 1, before.shape[3])
-        np.testing.assert_array_equal(after[:, :, :total], before[keep])
-    # A cache of all the rows outgrows the first buffers at its second step: the buffer written grows, once.
-    cache = decoder.new_cache(rows, total + 1)
-    first = [list(cache.pointers(0)), list(cache.pointers(1))]
-    logits = decoder._step(query, np.tile(prefix, (rows, 1)), total, np.arange(rows), cache)
-    order = np.array([2, 0, 1])
-    step = decoder._step(decoder._no_embeds(rows), logits.argmax(-1)[order, None], total + 1, order, cache)
-    assert [list(cache.pointers(0)), list(cache.pointers(1))] == first
-    tokens = step.argmax(-1)[:, None]
-    grown = decoder._step(decoder._no_embeds(rows), tokens, total + 2, np.arange(rows), cache)
-    assert cache.pointers(1) != first[1] and cache.pointers(0) == first[0]
-    moved = list(cache.pointers(1))
-    for extra in (3, 4):
-        decoder._step(decoder._no_embeds(rows), grown.argmax(-1)[:, None], total + extra, np.arange(rows), cache)
-    assert cache.pointers(1) == moved and cache.length == total + 4  # room for GROWTH more positions
-    # The same steps on a cache that never had to grow give the same logits.
-    roomy = decoder.new_cache(rows, total + KVCache.GROWTH)
-    decoder._step(query, np.tile(prefix, (rows, 1)), total, np.arange(rows), roomy)
-    decoder._step(decoder._no_embeds(rows), logits.argmax(-1)[order, None], total + 1, order, roomy)
-    np.testing.assert_array_equal(grown, decoder._step(decoder._no_embeds(rows), tokens, total + 2, np.arange(rows), roomy))
+    # Rows reordered and dropped, as beam search and greedy do; the cache grows at the third step.
+    steps = [np.array([2, 0, 1]), np.array([1, 2, 0]), np.array([0, 2, 1]), np.array([1, 0])]
+    expected = _unbound_steps(decoder, query, prefix, steps)
+    cache = decoder.new_cache(rows, total + 2)
+    assert cache.slots == decoder.num_layers + 1
+    got = [decoder._step(query, np.tile(prefix, (rows, 1)), total, np.arange(rows), cache)]
+    assert (cache.rows, cache.length) == (rows, total)
+    pool, sizes = set(cache.past_pointers()), cache.sizes()  # the spare slot's pointers are added at the first step
+    prefill = cache.arrays()
+    for index, order in enumerate(steps):
+        before = cache.past_pointers()
+        got.append(decoder._step(decoder._no_embeds(len(order)), got[-1].argmax(-1)[order, None], total + index + 1,
+                                 order, cache))
+        after = cache.past_pointers()
+        if index == 0:
+            pool |= set(after)
+        if index != 2:  # layer j's present is where layer j - 1's past was, layer 0's in the spare slot
+            assert after[2:] == before[:-2] and not set(after[:2]) & set(before)
+        if index < 2:  # and until the cache grows, nothing is allocated
+            assert set(after) <= pool
+        if index == 0:
+            for old, new in zip(prefill, cache.arrays()):  # the kept rows' past, then the new position
+                assert new.shape == (rows, old.shape[1], total + 1, old.shape[3])
+                np.testing.assert_array_equal(new[:, :, :total], old[order])
+    # It grew once (the slots written from the third step on), with room for GROWTH more positions ...
+    position = decoder.num_heads * decoder.head_dim
+    assert len(pool) == 2 * cache.slots and sizes == [rows * (total + 2) * position] * cache.slots
+    assert sorted(cache.sizes()) == [rows * (total + 2) * position] + [rows * (total + 3 + KVCache.GROWTH) * position] * (cache.slots - 1)
+    assert cache.length == total + len(steps) < total + KVCache.GROWTH
+    for one, other in zip(got, expected):  # ... and no step overwrote a past before reading it
+        np.testing.assert_allclose(one, other, rtol=1e-5, atol=1e-5)
 
 
 def _cuda_available() -> bool:
@@ -412,3 +429,21 @@ def test_decoder_layers_are_exported_as_matmuls_on_stored_transposes(artifact_or
     for shape in ((5, layer.fc1.in_features), (2, 3, layer.fc1.in_features)):
         x = torch.randn(*shape)
         torch.testing.assert_close(moved.fc1(x), layer.fc1(x), rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_graphs_read_each_past_once(artifact_ort, tmp_path):
+    """The cache writes a layer's present over the past of the layer below: the export checks each past is
+    read by one Gather (and Shapes); the embedded model's decoder passes that check too."""
+    import onnx
+
+    from export.ort_decoder import check_past_reads
+    from idc_lite.default_model import default_model_dir
+
+    for name in ("ort-fp32", "ort-int4", "ort-int4-fp16"):
+        check_past_reads(artifact_ort / name / "decoder.onnx")
+    check_past_reads(default_model_dir() / "ort-int4" / "decoder.onnx")
+    model = onnx.load(str(artifact_ort / "ort-fp32" / "decoder.onnx"), load_external_data=False)
+    model.graph.node.append(onnx.helper.make_node("Identity", ["past.1.value"], ["late_read"]))
+    onnx.save_model(model, str(tmp_path / "decoder.onnx"))
+    with pytest.raises(ExportError, match=r"reads past\.1\.value with Gather, Identity"):
+        check_past_reads(tmp_path / "decoder.onnx")

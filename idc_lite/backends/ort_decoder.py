@@ -2,10 +2,10 @@
 
 The decoder graph (written by ``export/ort_decoder.py``) holds the token embedding table, the OPT
 layers and the LM head; its KV cache goes in and out as one key and one value tensor per layer.
-The cache never comes back to Python: each generation allocates two buffers per cache tensor
-(:class:`KVCache`, on the GPU under CUDA, in host memory on CPU, grown when a step needs more room) and
-each step reads the past from one and writes the present into the other (I/O binding by pointer), and
-the graph's ``beam_idx`` input picks the cache rows each new row continues, which is how beam
+The cache never comes back to Python: each generation allocates one key and one value buffer per
+layer and one spare pair (:class:`KVCache`, on the GPU under CUDA, in host memory on CPU, grown when a
+step needs more room); each step writes a layer's present where the layer below kept its past (I/O
+binding by pointer), and the graph's ``beam_idx`` input picks the cache rows each new row continues, which is how beam
 search reorders it and how finished greedy rows are dropped, without a copy through numpy. The cache
 is fp32, or fp16 for ``ort-int4-fp16`` (read from the graph's inputs); the logits are always fp32.
 
@@ -107,17 +107,15 @@ class OrtDecoder:
         for name, array in host.items():
             binding.bind_cpu_input(name, array)
         if cache.length:
-            for name, pointer in zip(self.past, cache.pointers(cache.current)):
+            for name, pointer in zip(self.past, cache.past_pointers()):
                 binding.bind_input(name, self.device_type, self.device_id, self.cache_dtype,
                                    cache.shape(cache.rows, cache.length), pointer)
         binding.bind_output(LOGITS, "cpu")
-        spare = 1 - cache.current
-        cache.reserve(spare, rows, total_len)
-        for name, pointer in zip(self.present, cache.pointers(spare)):
+        for name, pointer in zip(self.present, cache.present_pointers(rows, total_len)):
             binding.bind_output(name, self.device_type, self.device_id, self.cache_dtype,
                                 cache.shape(rows, total_len), pointer)
         self.session.run_with_iobinding(binding)
-        cache.current, cache.rows, cache.length = spare, rows, total_len
+        cache.advance(rows, total_len)
         return binding.get_outputs()[0].numpy()
 
     # -- generation -------------------------------------------------------------------------
@@ -243,66 +241,93 @@ class OrtDecoder:
 
 
 class KVCache:
-    """The KV cache of one generation: two buffers per cache tensor, used in turn.
+    """The KV cache of one generation: one slot (a key and a value buffer) per layer, and one spare.
 
-    Each step reads the past from one buffer and writes the present into the other (bound by pointer,
-    on the session's device), so that a step allocates nothing unless the buffer it writes is too
-    small; that buffer is then replaced by one :data:`GROWTH` positions longer than the step needs.
-    Letting ONNX Runtime allocate each step's cache instead, one position longer than the one it
+    A step reads layer ``j``'s past from one slot and writes its present into the slot that held
+    layer ``j - 1``'s past (layer 0's into the spare one), all bound by pointer on the session's device;
+    the slots then turn by one. That is safe because a step reads each past once, through the graph's
+    ``beam_idx`` Gather, and layer ``j``'s present is computed from layer ``j - 1``'s output, which
+    needs that layer's past read first: whichever order ONNX Runtime runs the nodes in, a slot is
+    written only after its past was read (the export checks that each past input is read by one
+    Gather: ``export.ort_decoder.check_past_reads``). So the cache takes ``layers + 1`` slots where
+    reading from one set of buffers and writing into another took ``2 * layers``.
+
+    A step allocates nothing unless a slot it writes is too small; that slot is then replaced by one
+    :data:`GROWTH` positions longer than the step needs (the old one is kept until the step has read
+    it). Letting ONNX Runtime allocate each step's cache instead, one position longer than the one it
     frees, left its arena unable to reuse the freed blocks, and it grew by more than the cache itself
     (OPT-2.7B widths at a quarter of the depth, batch 32, on a CPU: 1.07 GiB resident after loading,
-    1.60 after the prefill, 2.37 after 20 tokens; 2.02 with these buffers, the rest being the cache).
-    The lite process's GPU peak grew the same way with the batch on an H200 (1.78 GiB at batch 1, 3.73
-    at 32, README), measured before these buffers. Host buffers are numpy arrays, device ones ORT values.
+    1.60 after the prefill, 2.37 after 20 tokens). Host buffers are numpy arrays, device ones ORT values.
     """
 
-    #: Positions a (re)allocated buffer holds beyond what the step that needed it writes.
+    #: Positions a (re)allocated slot holds beyond what the step that needed it writes.
     GROWTH = 32
 
     def __init__(self, decoder: "OrtDecoder", rows: int, length: int):
         self._decoder = decoder
-        self.heads, self.head_dim = decoder.num_heads, decoder.head_dim
-        self._buffers: list[list] = [[], []]
-        self._pointers: list[list[int]] = [[], []]
-        self._sizes = [0, 0]
-        for which in (0, 1):
-            self._allocate(which, rows * self.heads * length * self.head_dim)
-        self.current, self.rows, self.length = 0, 0, 0
+        self.layers, self.heads, self.head_dim = decoder.num_layers, decoder.num_heads, decoder.head_dim
+        # Each slot: ([key, value] buffers, their pointers, size in elements).
+        self._slots = [self._allocate(rows * self.heads * length * self.head_dim) for _ in range(self.layers + 1)]
+        self._retired: list = []  # slots replaced by bigger ones, kept until the step that reads them is over
+        self.base, self.rows, self.length = 0, 0, 0
 
-    def _allocate(self, which: int, size: int) -> None:
+    def _allocate(self, size: int) -> tuple[list, list[int], int]:
         decoder = self._decoder
-        self._buffers[which] = []  # the old buffers go before the new ones are made
         if decoder.device_type == "cpu":
-            buffers = [np.empty(size, dtype=decoder.cache_dtype) for _ in decoder.past]
-            pointers = [b.ctypes.data for b in buffers]
-        else:
-            from onnxruntime import OrtValue
+            buffers = [np.empty(size, dtype=decoder.cache_dtype) for _ in range(2)]
+            return buffers, [b.ctypes.data for b in buffers], size
+        from onnxruntime import OrtValue
 
-            buffers = [OrtValue.ortvalue_from_shape_and_type([size], decoder.cache_dtype, decoder.device_type,
-                                                            decoder.device_id) for _ in decoder.past]
-            pointers = [b.data_ptr() for b in buffers]
-        self._buffers[which], self._pointers[which], self._sizes[which] = buffers, pointers, size
+        buffers = [OrtValue.ortvalue_from_shape_and_type([size], decoder.cache_dtype, decoder.device_type,
+                                                        decoder.device_id) for _ in range(2)]
+        return buffers, [b.data_ptr() for b in buffers], size
 
-    def reserve(self, which: int, rows: int, length: int) -> None:
-        """Make buffer set ``which`` hold ``rows`` x ``length`` positions, growing it if it cannot."""
-        if rows * self.heads * length * self.head_dim > self._sizes[which]:
-            self._allocate(which, rows * self.heads * (length + self.GROWTH) * self.head_dim)
+    def _slot(self, layer: int, base: int) -> int:
+        return (base + layer) % (self.layers + 1)
 
-    def pointers(self, which: int) -> list[int]:
-        return self._pointers[which]
+    def past_pointers(self) -> list[int]:
+        """Where the cache is: ``past.0.key, past.0.value, past.1.key, ...``."""
+        return [p for layer in range(self.layers) for p in self._slots[self._slot(layer, self.base)][1]]
+
+    def present_pointers(self, rows: int, length: int) -> list[int]:
+        """Where the next step writes ``rows`` x ``length`` positions (growing the slots that cannot hold them)."""
+        base, need = self.base - 1, rows * self.heads * length * self.head_dim
+        pointers = []
+        for layer in range(self.layers):
+            index = self._slot(layer, base)
+            if self._slots[index][2] < need:
+                self._retired.append(self._slots[index])  # it may hold the past of layer - 1
+                self._slots[index] = self._allocate(rows * self.heads * (length + self.GROWTH) * self.head_dim)
+            pointers += self._slots[index][1]
+        return pointers
+
+    def advance(self, rows: int, length: int) -> None:
+        """The step that wrote at :meth:`present_pointers` is over: its present is now the past."""
+        self.base = (self.base - 1) % (self.layers + 1)
+        self.rows, self.length = rows, length
+        self._retired.clear()
 
     def shape(self, rows: int, length: int) -> list[int]:
         return [rows, self.heads, length, self.head_dim]
 
     def arrays(self) -> list[np.ndarray]:
-        """The current cache tensors, copied to numpy (for checks)."""
+        """The current cache tensors (``past.0.key, past.0.value, ...``), copied to numpy (for checks)."""
         count = self.rows * self.heads * self.length * self.head_dim
         shape = self.shape(self.rows, self.length)
-        return [(b if isinstance(b, np.ndarray) else b.numpy())[:count].reshape(shape) for b in self._buffers[self.current]]
+        return [(b if isinstance(b, np.ndarray) else b.numpy())[:count].reshape(shape).copy()
+                for layer in range(self.layers) for b in self._slots[self._slot(layer, self.base)][0]]
+
+    @property
+    def slots(self) -> int:
+        return len(self._slots)
+
+    def sizes(self) -> list[int]:
+        """Elements each slot's key (and value) buffer holds."""
+        return [size for _, _, size in self._slots]
 
     @property
     def device(self) -> str:
-        first = self._buffers[0][0]
+        first = self._slots[0][0][0]
         return "cpu" if isinstance(first, np.ndarray) else first.device_name().lower()
 
 
