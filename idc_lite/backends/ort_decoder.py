@@ -21,6 +21,7 @@ alike (lowest index first) wherever the logits agree.
 from __future__ import annotations
 
 import logging
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -257,7 +258,10 @@ class KVCache:
     it). Letting ONNX Runtime allocate each step's cache instead, one position longer than the one it
     frees, left its arena unable to reuse the freed blocks, and it grew by more than the cache itself
     (OPT-2.7B widths at a quarter of the depth, batch 32, on a CPU: 1.07 GiB resident after loading,
-    1.60 after the prefill, 2.37 after 20 tokens). Host buffers are numpy arrays, device ones ORT values.
+    1.60 after the prefill, 2.37 after 20 tokens). Device buffers are ORT values; host ones are numpy
+    arrays over anonymous maps of their own, so that a finished generation gives its cache back to the
+    system (same model and machine: 1.76 GiB resident after a batch of 32 instead of 2.06 with numpy's
+    heap arrays, whose freed pages glibc kept), and pages never written are never resident.
     """
 
     #: Positions a (re)allocated slot holds beyond what the step that needed it writes.
@@ -274,7 +278,7 @@ class KVCache:
     def _allocate(self, size: int) -> tuple[list, list[int], int]:
         decoder = self._decoder
         if decoder.device_type == "cpu":
-            buffers = [np.empty(size, dtype=decoder.cache_dtype) for _ in range(2)]
+            buffers = [_mapped(size, decoder.cache_dtype) for _ in range(2)]
             return buffers, [b.ctypes.data for b in buffers], size
         from onnxruntime import OrtValue
 
@@ -329,6 +333,13 @@ class KVCache:
     def device(self) -> str:
         first = self._slots[0][0][0]
         return "cpu" if isinstance(first, np.ndarray) else first.device_name().lower()
+
+
+def _mapped(size: int, dtype) -> np.ndarray:
+    """An array of ``size`` zeros in pages of its own (an anonymous map): freed, they go back to the system."""
+    dtype = np.dtype(dtype)
+    pages = mmap.mmap(-1, max(1, size * dtype.itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(pages, dtype=dtype, count=size)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
