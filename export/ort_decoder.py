@@ -71,6 +71,7 @@ torch decoder's on the same inputs, or :class:`QuantizationError` is raised.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import shutil
@@ -108,7 +109,7 @@ class MatMulLinear(torch.nn.Module):
     quantizes. An ``nn.Linear`` on 2-D inputs (OPT's fc1 and fc2) becomes a Gemm instead, and
     rewriting those as MatMul meant copying every weight into an in-memory protobuf first: that was
     the export's host-memory peak (12.2 GiB at a quarter of OPT-2.7B's depth; 8.5 with this class and
-    the graph saved from the exporter's IR).
+    the graph saved from the exporter's IR; 7.0 once torch's weights go before the checks, below).
     """
 
     def __init__(self, linear: torch.nn.Linear):
@@ -177,7 +178,9 @@ def export_ort_decoder(
     """Export ``language_model`` to ``out_dir/<name>/decoder.onnx``, validate it; return (name, manifest entry).
 
     ``query_embeds`` (batch, n, hidden) and ``prefix`` (token ids after them) are the validation
-    inputs, as for :func:`export.decoder.export_decoder`.
+    inputs, as for :func:`export.decoder.export_decoder`. ``language_model`` is used up: once the
+    graph is written its weights are released (moved to the meta device), so that the graph check
+    and the quantization do not hold the model twice.
     """
     if precision not in PRECISION_TO_DECODER:
         raise ExportError(None, f"ONNX Runtime decoder precision must be one of {', '.join(PRECISION_TO_DECODER)}, "
@@ -195,19 +198,27 @@ def export_ort_decoder(
     path = target / "decoder.onnx"
     language_model = language_model.float().eval()
     linears_as_matmuls(language_model)  # the caller's copy: it loads the weights for this decoder alone
+    shape = graph_shape(language_model)
     reference = CachedDecoder(language_model, torch.float32).eval()
     module = reference if table_precision == "fp32" else CachedDecoder(language_model, torch.float16).eval()
+    tied = module.tied
+    # Everything the checks need from torch, computed before the export: torch's weights then go.
     cases = validation_cases(reference, query_embeds.float(), prefix)
+    expected = expected_outputs(module, cases)
+    reference_logits = [outputs[0] for outputs in expected_outputs(reference, cases)]
 
     try:  # a decoder that fails its validation leaves nothing behind
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             graph = Path(tmp) / "decoder.onnx" if precision != "fp32" else path
             _export_graph(module, graph)
-            diff, bound = validate_graph(module, graph, cases, table_precision)
+            del reference, module
+            language_model.to("meta")
+            gc.collect()  # the exporter leaves cycles that hold the weights until a collection
+            diff, bound = validate_graph(expected, graph, cases, table_precision)
             if precision != "fp32":
                 _quantize(graph, path, block_size, symmetric, accuracy_level, half=precision == "int4-fp16")
         check_past_reads(path)
-        cosine = graph_cosine(path, reference, cases)
+        cosine = graph_cosine(path, reference_logits, cases)
         logger.info("decoder %s: next-token logits cosine similarity to fp32 = %.5f", name, cosine)
         if cosine < MIN_COSINE[precision]:
             raise QuantizationError(path, f"{name} logits cosine similarity {cosine:.4f} < {MIN_COSINE[precision]}")
@@ -216,9 +227,9 @@ def export_ort_decoder(
         raise
     entry = {
         "dir": name, "graph": "decoder.onnx", "runtime": "onnxruntime", "precision": precision,
-        "shape": graph_shape(language_model), "inputs": [*INPUTS, "past.{i}.key", "past.{i}.value"],
+        "shape": shape, "inputs": [*INPUTS, "past.{i}.key", "past.{i}.value"],
         "outputs": [LOGITS, "present.{i}.key", "present.{i}.value"],
-        "embeddings": {"precision": table_precision, "tied_lm_head": module.tied},
+        "embeddings": {"precision": table_precision, "tied_lm_head": tied},
         "activations": "fp16" if precision == "int4-fp16" else "fp32",
         "validation": {"logits_cosine_min": cosine, "threshold": MIN_COSINE[precision], "max_abs_diff": diff,
                        "tolerance": bound, "inputs_checked": len(cases)},
@@ -349,26 +360,35 @@ def _feeds(case: dict, layers: int, cache_dtype=np.float32) -> dict:
     return feeds
 
 
-def _session(path: Path):
+def _session(path: Path, prepack: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not prepack:  # MatMuls then read their weights from the mapped file instead of packed copies
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def validate_graph(module: CachedDecoder, path: Path, cases: list[dict], table_precision: str) -> tuple[float, float]:
-    """Run the graph and ``module`` on ``cases``; raise :class:`ShapeError` / :class:`AtolError` if they disagree."""
-    session = _session(path)
+def expected_outputs(module: torch.nn.Module, cases: list[dict]) -> list[list[np.ndarray]]:
+    """``module``'s outputs (logits, then the cache) on each of ``cases``, as fp32 numpy."""
+    with torch.inference_mode():
+        return [[t.float().numpy() for t in module(*_args(case))] for case in cases]
+
+
+def validate_graph(expected_all: list[list[np.ndarray]], path: Path, cases: list[dict],
+                   table_precision: str) -> tuple[float, float]:
+    """Run the graph on ``cases``; raise :class:`ShapeError` / :class:`AtolError` where it disagrees with
+    ``expected_all`` (:func:`expected_outputs` of the module it was exported from)."""
+    session = _session(path, prepack=False)
     atol, rtol = TOLERANCES[table_precision]
     worst, bound = 0.0, 0.0
-    for case in cases:
-        with torch.inference_mode():
-            expected = [t.float().numpy() for t in module(*_args(case))]
-        got = session.run(None, _feeds(case, module.num_layers))
+    layers = len(cases[0]["past"]) // 2
+    for case, expected in zip(cases, expected_all):
+        got = session.run(None, _feeds(case, layers))
         # Positions the mask hides hold values nothing reads (attention over no key): compare the others.
         seen = case["attention_mask"].numpy()[:, None, :, None].astype(bool)
-        for index, (name, g, e) in enumerate(zip([LOGITS, *past_names(module.num_layers, "present")], got, expected)):
+        for index, (name, g, e) in enumerate(zip([LOGITS, *past_names(layers, "present")], got, expected)):
             if g.shape != e.shape:
                 raise ShapeError(path, f"output {name} has shape {g.shape}, torch gives {e.shape}")
             if index:
@@ -383,14 +403,13 @@ def validate_graph(module: CachedDecoder, path: Path, cases: list[dict], table_p
     return worst, bound
 
 
-def graph_cosine(path: Path, reference: CachedDecoder, cases: list[dict]) -> float:
-    """Smallest cosine similarity between the graph's next-token logits and ``reference``'s, over ``cases``."""
+def graph_cosine(path: Path, reference_logits: list[np.ndarray], cases: list[dict]) -> float:
+    """Smallest cosine similarity between the graph's next-token logits and ``reference_logits``, over ``cases``."""
     session = _session(path)
     cache_dtype = cache_numpy_dtype(session)
     worst = 1.0
-    for case in cases:
-        with torch.inference_mode():
-            expected = reference(*_args(case))[0].numpy().astype(np.float64)
-        got = session.run([LOGITS], _feeds(case, reference.num_layers, cache_dtype))[0].astype(np.float64)
-        worst = min(worst, min_cosine(got, expected))
+    layers = len(cases[0]["past"]) // 2
+    for case, expected in zip(cases, reference_logits):
+        got = session.run([LOGITS], _feeds(case, layers, cache_dtype))[0].astype(np.float64)
+        worst = min(worst, min_cosine(got, expected.astype(np.float64)))
     return worst

@@ -326,7 +326,7 @@ def test_damaged_ort_decoder_is_caught_before_any_session(artifact_ort, tmp_path
 
 def test_export_validation_raises_typed_errors(artifact_ort, tiny_model, ort_fp32, monkeypatch, tmp_path):
     import export.ort_decoder as ort_export
-    from export.ort_decoder import CachedDecoder, validate_graph, validation_cases
+    from export.ort_decoder import CachedDecoder, expected_outputs, validate_graph, validation_cases
 
     plain = Captioner(tiny_model).backend.net.language_model.float().eval()  # without the adapter
     module = CachedDecoder(plain).eval()
@@ -334,7 +334,7 @@ def test_export_validation_raises_typed_errors(artifact_ort, tiny_model, ort_fp3
     cases = validation_cases(module, query, [ort_fp32.tokens.bos_token_id])
     graph = artifact_ort / "ort-fp32" / "decoder.onnx"
     with pytest.raises(AtolError, match="exceeds the fp32 tolerance"):
-        validate_graph(module, graph, cases, "fp32")  # the un-adapted decoder differs from the merged graph
+        validate_graph(expected_outputs(module, cases), graph, cases, "fp32")  # the un-adapted decoder differs
 
     class Wrong(torch.nn.Module):
         num_layers = module.num_layers
@@ -343,7 +343,7 @@ def test_export_validation_raises_typed_errors(artifact_ort, tiny_model, ort_fp3
             return (torch.zeros(ids.shape[0], 3), *past)
 
     with pytest.raises(ShapeError, match="output logits has shape"):
-        validate_graph(Wrong(), graph, cases, "fp32")
+        validate_graph(expected_outputs(Wrong(), cases), graph, cases, "fp32")
     monkeypatch.setitem(ort_export.MIN_COSINE, "int4", 1.01)
     with pytest.raises(QuantizationError, match=r"ort-int4 logits cosine similarity 0\.\d+ < 1.01"):
         ort_export.export_ort_decoder(plain, tmp_path, "int4", query, [ort_fp32.tokens.bos_token_id])
