@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,14 +15,9 @@ app = typer.Typer(name="python -m export", no_args_is_help=True, add_completion=
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show a traceback with errors (read by run_app).")] = False) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    for name in ("export", "idc_lite"):
-        logging.getLogger(name).addHandler(handler)
-        logging.getLogger(name).setLevel(logging.INFO)
-        # ONNX Runtime's MatMulNBits quantizer calls logging.basicConfig() when imported: without this
-        # every line would be printed twice, once more through the root logger.
-        logging.getLogger(name).propagate = False
+    from .build import log_to_stderr
+
+    log_to_stderr()
 
 
 @app.command()

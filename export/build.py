@@ -137,7 +137,7 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
     try:
         encoder, entries = _export_parts(weights_dir, work, encoder_precision, decoders, image_size,
                                          enforce_encoder_check, prefix_ids(tokenizer, tokens, None),
-                                         ort_quantization or {})
+                                         ort_quantization or {}, counts.vision + counts.qformer > ENCODER_CHILD_PARAMETERS)
     finally:
         if weights_dir != model_dir:
             shutil.rmtree(weights_dir, ignore_errors=True)
@@ -170,21 +170,26 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
     })
 
 
+#: Encoders with more parameters than this are exported in a process of their own (spawned): what the
+#: encoder's export and quantization leave allocated (ONNX's protobuf arenas, which ``gc.collect``
+#: does not free) then goes back to the system before the decoders load. At a quarter of ViT-g's
+#: depth (0.36 B parameters with the Q-Former) that is 2.5 GiB; at full depth it would sit under the
+#: fp32 language model's export. Small encoders stay in-process: a spawned Python with torch costs
+#: seconds.
+ENCODER_CHILD_PARAMETERS = 50_000_000
+
+
 def _export_parts(weights_dir: Path, work: Path, encoder_precision: str, decoders, image_size: int, enforce: bool,
-                  prefix, ort_quantization: dict):
+                  prefix, ort_quantization: dict, encoder_in_child: bool = False):
     """Export the encoder, then each decoder, each from its own part of the weights."""
     import torch
 
     from .decoder import export_decoder
-    from .encoder import QueryEncoder, export_encoder, sample_inputs
     from .ort_decoder import export_ort_decoder
 
-    logger.info("exporting the encoder")
-    net = load_encoder_part(weights_dir)
-    encoder = export_encoder(net, work, encoder_precision, image_size, enforce)
-    with torch.inference_mode():
-        query = QueryEncoder(net).eval()(torch.from_numpy(sample_inputs(image_size, seed=2)[1]))
-    del net
+    stage = (weights_dir, work, encoder_precision, image_size, enforce)
+    encoder, query = _in_child(_encoder_stage, *stage) if encoder_in_child else _encoder_stage(*stage)
+    query = torch.from_numpy(query)
     entries = {}
     for decoder in decoders:
         logger.info("exporting the %s decoder", decoder)
@@ -197,6 +202,50 @@ def _export_parts(weights_dir: Path, work: Path, encoder_precision: str, decoder
         entries[got] = entry
         del language_model
     return encoder, entries
+
+
+def _encoder_stage(weights_dir: Path, work: Path, encoder_precision: str, image_size: int, enforce: bool):
+    """Export the encoder; return its report and its query embeddings of a sample pair (the decoders' check input)."""
+    import torch
+
+    from .encoder import QueryEncoder, export_encoder, sample_inputs
+
+    logger.info("exporting the encoder")
+    net = load_encoder_part(weights_dir)
+    encoder = export_encoder(net, work, encoder_precision, image_size, enforce)
+    with torch.inference_mode():
+        query = QueryEncoder(net).eval()(torch.from_numpy(sample_inputs(image_size, seed=2)[1]))
+    return encoder, query.numpy()
+
+
+def _in_child(function, *args):
+    """``function(*args)`` in a spawned process, its log lines shown as this process shows them; its
+    exceptions are raised here."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    shown = logger.handlers and logger.getEffectiveLevel() <= logging.INFO
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_setup,
+                             initargs=(bool(shown),)) as pool:
+        return pool.submit(function, *args).result()
+
+
+def _child_setup(show_progress: bool) -> None:
+    quiet_libraries()
+    if show_progress:
+        log_to_stderr()
+
+
+def log_to_stderr() -> None:
+    """Progress as ``python -m export`` shows it: one line per message of idc-lite's loggers, on stderr."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("export", "idc_lite"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+        # ONNX Runtime's MatMulNBits quantizer calls logging.basicConfig() when imported: without this
+        # every line would be printed twice, once more through the root logger.
+        logging.getLogger(name).propagate = False
 
 
 def _merge(model_dir: Path, adapter, out: Path, model_name: str) -> None:

@@ -18,6 +18,9 @@ class IdcError(Exception):
         self.problem = problem
         super().__init__(problem if self.subject is None else f"{self.subject}: {problem}")
 
+    def __reduce__(self):  # raised in a child process (``export`` runs big encoders in one), re-raised here
+        return type(self), (self.subject, self.problem)
+
 
 class InputError(IdcError):
     """An image (or folder of images) that cannot be used."""

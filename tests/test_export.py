@@ -428,3 +428,31 @@ def test_a_full_temporary_folder_is_named_as_the_full_disk(tmp_path, monkeypatch
     assert disk_full_error(tmp_path, ExportError(tmp_path, "said already")) is None
     monkeypatch.setattr(export.space.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 10**11))
     assert disk_full_error(tmp_path, ValueError("not a disk problem")) is None  # room on both disks
+
+
+def test_big_encoders_are_exported_in_a_process_of_their_own(tiny_model, legacy_adapter, artifact_fp32, pairs,
+                                                              tmp_path, monkeypatch):
+    """What a big encoder's export leaves allocated goes with its process; the artifact is the same, and
+    the child's errors reach the caller as the typed errors they are."""
+    import pickle
+
+    from export import build as build_module
+    from idc_lite.errors import IdcError, ModelError
+
+    spawned = []
+    in_child = build_module._in_child
+    monkeypatch.setattr(build_module, "_in_child", lambda function, *args: spawned.append(function.__name__)
+                        or in_child(function, *args))
+    monkeypatch.setattr(build_module, "ENCODER_CHILD_PARAMETERS", 0)
+    artifact = build_artifact(tiny_model, tmp_path / "child", legacy_adapter, decoder_precision="fp32")
+    assert spawned == ["_encoder_stage"]
+    assert captions(Captioner(artifact), pairs) == captions(Captioner(artifact_fp32), pairs)
+
+    error = pickle.loads(pickle.dumps(QuantizationError(tmp_path / "x.onnx", "cosine 0.5 < 0.98")))
+    assert type(error) is QuantizationError and str(error) == f"{tmp_path / 'x.onnx'}: cosine 0.5 < 0.98"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(tiny_model / "config.json", broken / "config.json")
+    with pytest.raises(IdcError) as raised:
+        in_child(build_module._encoder_stage, broken, tmp_path, "fp32", 32, True)
+    assert isinstance(raised.value, (ModelError, ExportError)) and str(broken) in str(raised.value)
