@@ -134,10 +134,11 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
         weights_dir = work.with_name(work.name + ".merged")
         _merge(model_dir, adapter_source, weights_dir, str(base))
 
+    big_encoder = counts.vision + counts.qformer > ENCODER_CHILD_PARAMETERS
     try:
         encoder, entries = _export_parts(weights_dir, work, encoder_precision, decoders, image_size,
                                          enforce_encoder_check, prefix_ids(tokenizer, tokens, None),
-                                         ort_quantization or {}, counts.vision + counts.qformer > ENCODER_CHILD_PARAMETERS)
+                                         ort_quantization or {}, encoder_in_child=big_encoder)
     finally:
         if weights_dir != model_dir:
             shutil.rmtree(weights_dir, ignore_errors=True)
