@@ -172,11 +172,10 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
 
 
 #: Encoders with more parameters than this are exported in a process of their own (spawned): what the
-#: encoder's export and quantization leave allocated (ONNX's protobuf arenas, which ``gc.collect``
-#: does not free) then goes back to the system before the decoders load. At a quarter of ViT-g's
-#: depth (0.36 B parameters with the Q-Former) that is 2.5 GiB; at full depth it would sit under the
-#: fp32 language model's export. Small encoders stay in-process: a spawned Python with torch costs
-#: seconds.
+#: encoder's export and quantization leave allocated then goes back to the system before the decoders
+#: load. At a quarter of ViT-g's depth the process held 2.5 GiB more after the encoder stage, which
+#: ``gc.collect`` did not free; at full depth that would sit under the fp32 language model's export
+#: (OPT-2.7B: 10.6 GB). Small encoders stay in-process: a spawned Python with torch costs seconds.
 ENCODER_CHILD_PARAMETERS = 50_000_000
 
 
