@@ -220,14 +220,19 @@ def _encoder_stage(weights_dir: Path, work: Path, encoder_precision: str, image_
 
 def _in_child(function, *args):
     """``function(*args)`` in a spawned process, its log lines shown as this process shows them; its
-    exceptions are raised here."""
+    exceptions are raised here, and a process that dies is an :class:`ExportError`."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     shown = logger.handlers and logger.getEffectiveLevel() <= logging.INFO
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_setup,
-                             initargs=(bool(shown),)) as pool:
-        return pool.submit(function, *args).result()
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_setup,
+                                 initargs=(bool(shown),)) as pool:
+            return pool.submit(function, *args).result()
+    except BrokenProcessPool:
+        raise ExportError(None, f"the process running {function.__name__.strip('_').replace('_', ' ')} ended "
+                          "abruptly (killed: out of memory?)") from None
 
 
 def _child_setup(show_progress: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -456,3 +457,5 @@ def test_big_encoders_are_exported_in_a_process_of_their_own(tiny_model, legacy_
     with pytest.raises(IdcError) as raised:
         in_child(build_module._encoder_stage, broken, tmp_path, "fp32", 32, True)
     assert isinstance(raised.value, (ModelError, ExportError)) and str(broken) in str(raised.value)
+    with pytest.raises(ExportError, match=r"^the process running exit ended abruptly \(killed: out of memory\?\)$"):
+        in_child(os._exit, 9)  # a child that dies, as the kernel's OOM killer would end it

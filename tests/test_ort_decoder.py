@@ -337,8 +337,6 @@ def test_export_validation_raises_typed_errors(artifact_ort, tiny_model, ort_fp3
         validate_graph(expected_outputs(module, cases), graph, cases, "fp32")  # the un-adapted decoder differs
 
     class Wrong(torch.nn.Module):
-        num_layers = module.num_layers
-
         def forward(self, embeds, ids, mask, beam_idx, *past):
             return (torch.zeros(ids.shape[0], 3), *past)
 
