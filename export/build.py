@@ -7,7 +7,9 @@ in its own folder). The default build holds ``bnb-int4`` (the decoder on CUDA) a
 
 Memory: each stage loads only its part of the model (:mod:`export.parts`): the encoder stage the
 vision side, each decoder stage the language model. Only merging a LoRA adapter holds the whole
-model (fp32), once; the merged weights are saved and the stages read them from disk.
+model (fp32), once; the merged weights are saved and the stages read them from disk. A big encoder
+(ViT-g) is exported in a spawned process of its own, so that what its export leaves allocated is
+gone before a language model loads (:data:`ENCODER_CHILD_PARAMETERS`).
 
 The artifact is assembled in ``<out>.partial`` and renamed into place only when every step, its
 validation and the manifest are done: an interrupted or failed build never leaves a half artifact
