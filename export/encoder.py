@@ -32,8 +32,7 @@ import numpy as np
 import torch
 
 from .errors import AtolError, ExportError, QuantizationError, ShapeError
-from .graph_ops import gemm_to_matmul, quantize_int4
-from .graph_ops import min_cosine as _cosine_min
+from .graph_ops import gemm_to_matmul, min_cosine, quantize_int4
 
 logger = logging.getLogger("export")
 
@@ -203,7 +202,7 @@ def validate_encoder(module: torch.nn.Module, path: Path, precision: str, image_
         diff = float(np.abs(got - expected).max())
         worst = max(worst, diff)
         if precision in MIN_COSINE:
-            cosine = min(cosine, _cosine_min(got, expected))
+            cosine = min(cosine, min_cosine(got, expected))
             continue
         limit = atol + rtol * float(np.abs(expected).max())
         if diff > limit and enforce:

@@ -275,7 +275,7 @@ def test_cli_runs_artifacts_and_reports_on_them(artifact_int4, pairs, tmp_path, 
 
 
 def test_encoder_cosine_treats_zero_outputs_as_the_values_they_are():
-    from export.encoder import _cosine_min
+    from export.graph_ops import min_cosine as _cosine_min
 
     zero, ones = np.zeros((2, 3, 4), np.float32), np.ones((2, 3, 4), np.float32)
     assert _cosine_min(zero, zero) == 1.0  # a graph that outputs zeros where torch does is right
