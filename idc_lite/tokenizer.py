@@ -4,9 +4,8 @@ Importing transformers imports torch, which was most of a CPU caption's start-up
 (``idc-lite describe`` on the embedded model, 2-core AMD EPYC: 2.23 s and 333 MB peak with them,
 0.35 s and 120 MB without), for a tokenizer that only builds the prompt's ids and turns the new
 tokens into text. transformers' fast tokenizers run the same Rust object that ``tokenizer.json``
-holds, but they may add behaviour
-of their own (special tokens from ``tokenizer_config.json``, a clean-up of spaces, a subclass's
-``decode``). So the export checks, with transformers at hand, that the bare file decodes every token
+holds, but they may add behaviour of their own (special tokens from ``tokenizer_config.json``, a
+clean-up of spaces, a subclass's ``decode``). So the export checks, with transformers at hand, that the bare file decodes every token
 id and a set of mixed sequences (special ids included), and encodes sample prompts, exactly as
 transformers does (:func:`check_bare_tokenizer`), and records the verdict in the manifest. The
 runtime uses the bare file only where that check passed (:func:`load_artifact_tokenizer`), and
