@@ -42,7 +42,7 @@ def build_model(config_path: Path | None, out: Path, seed: int = 0, depth_scale:
     import torch
     from transformers import Blip2ForConditionalGeneration
 
-    from idc_lite.modelgen import DEFAULT_CORPUS, IMAGE_TOKEN, save_model, tiny_config, train_tokenizer
+    from idc_lite.tools.modelgen import DEFAULT_CORPUS, IMAGE_TOKEN, save_model, tiny_config, train_tokenizer
 
     tokenizer = train_tokenizer(DEFAULT_CORPUS)
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -90,7 +90,7 @@ def model_config(config_path: Path, image_token_id: int, depth_scale: float = 1.
     tokenizer's ids are all below it. ``depth_scale`` < 1 keeps every width and scales the number
     of layers of the vision model, the Q-Former and the decoder (at least one each).
     """
-    from idc_lite.memory import load_config
+    from idc_lite.tools.memory import load_config
 
     config = load_config(config_path)
     if image_token_id >= config.text_config.vocab_size:

@@ -133,7 +133,7 @@ def _target_row(target: Target, lite: str | None, batch_size: int | None, value:
 
 def quality(backends: dict[str, dict], references: dict[str, list[str]]) -> dict:
     """CIDEr of every backend's captions, and of each lite backend: identical captions and CIDEr vs its reference."""
-    from idc_lite.metrics import score
+    from idc_lite.tools.metrics import score
 
     def cider(captions: dict[str, str | None]) -> float | None:
         scored = {key: caption for key, caption in captions.items() if caption is not None}

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from idc_lite.artifact import load_manifest
-from idc_lite.backends.ort_decoder import ORT_DECODERS
-from idc_lite.backends.torch_decoder import TORCH_DECODERS
+from idc_lite.artifact import ORT_DECODERS, TORCH_DECODERS
 
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
 
@@ -50,11 +49,11 @@ def decoder_weight_bytes(decoder_kind: str, artifact_dir) -> int:
     manifest = load_manifest(artifact_dir, verify=False)
     entry = _entry(manifest, decoder_kind)
     if decoder_kind in ORT_DECODERS:
-        return _onnx_weight_bytes(manifest.file(entry["dir"]) / entry["graph"])
+        return _onnx_weight_bytes(manifest.decoder_graph(decoder_kind))
     from safetensors import safe_open
 
     total = 0
-    for path in sorted(manifest.file(entry["dir"]).glob("*.safetensors")):
+    for path in sorted(manifest.decoder_dir(decoder_kind).glob("*.safetensors")):
         with safe_open(str(path), "np") as weights:
             keys = list(weights.keys())
             untied = any(k.endswith("lm_head.weight") for k in keys)
@@ -102,10 +101,10 @@ def decoder_ms_per_token(
     if decoder_kind in ORT_DECODERS or ort_decoder is not None:
         decoder = ort_decoder
         if decoder is None:
-            from idc_lite.backends.ort_decoder import load_ort_decoder
+            from idc_lite.decoders import load_decoder
 
-            entry = _entry(manifest, decoder_kind)
-            decoder = load_ort_decoder(manifest.file(entry["dir"]), entry, device, threads=threads)
+            _entry(manifest, decoder_kind)
+            decoder = load_decoder(manifest, decoder_kind, device, threads=threads)
         query = (rng.standard_normal((batch, tokens.num_query_tokens, decoder.hidden_size)) * 0.1).astype(np.float32)
         run = lambda: _ort_decode(decoder, query, prefix, new_tokens)  # noqa: E731
     else:
@@ -114,10 +113,10 @@ def decoder_ms_per_token(
         if threads:
             torch.set_num_threads(threads)
         if language_model is None:
-            from idc_lite.backends.torch_decoder import load_torch_decoder
+            from idc_lite.decoders import load_decoder
 
-            entry = _entry(manifest, decoder_kind)
-            language_model = load_torch_decoder(manifest.file(entry["dir"]), decoder_kind, device)
+            _entry(manifest, decoder_kind)
+            language_model = load_decoder(manifest, decoder_kind, device)
         hidden = language_model.get_input_embeddings().weight.shape[1]
         query = (rng.standard_normal((batch, tokens.num_query_tokens, hidden)) * 0.1).astype(np.float32)
         run = lambda: _torch_decode(language_model, query, prefix, new_tokens, device)  # noqa: E731
@@ -125,7 +124,7 @@ def decoder_ms_per_token(
     return statistics.median(run() for _ in range(repeats))
 
 
-def _entry(manifest, decoder_kind: str) -> dict:
+def _entry(manifest, decoder_kind: str):
     if decoder_kind not in ORT_DECODERS and decoder_kind not in TORCH_DECODERS:
         raise ValueError(f"unknown decoder {decoder_kind!r}")
     if decoder_kind not in manifest.decoders:

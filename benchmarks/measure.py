@@ -58,7 +58,7 @@ def exactly_new_tokens(backend):
 
 def benchmark_pairs(n: int, seed: int = 0) -> list:
     """``n`` (before, after) PIL image pairs of the synthetic world's test split."""
-    from idc_lite.synth import generate_pair
+    from idc_lite.tools.synth import generate_pair
 
     return [(pair.before, pair.after) for pair in (generate_pair(i, seed, "test") for i in range(n))]
 
@@ -166,7 +166,7 @@ def load(backend: dict, artifact: str | None) -> Loaded:
         return Loaded(captioner, _torch_encoder(net, captioner.backend.device, captioner.backend.dtype),
                       f"reference-{backend['dtype']}", net.language_model, read_bytes(net.language_model),
                       {"adapter_merged": captioner.backend.adapter is not None})
-    from idc_lite.backends.torch_decoder import TORCH_DECODERS
+    from idc_lite.artifact import TORCH_DECODERS
 
     from .decoder_speed import decoder_weight_bytes
 
@@ -320,7 +320,7 @@ def decode_speed(loaded: Loaded, spec: dict, batch_sizes: list[int]) -> dict[str
 
 def captions(captioner, quality: dict) -> dict:
     """Captions of the quality pairs, with the model's own generation settings (EOS stops)."""
-    from idc_lite.datasets import read_jsonl
+    from idc_lite.tools.datasets import read_jsonl
 
     records = read_jsonl(quality["dataset"])[: quality["n"]]
     results = captioner.describe_batch(((r.before, r.after) for r in records), batch_size=quality["batch_size"],

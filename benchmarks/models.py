@@ -26,7 +26,6 @@ from idc_lite.errors import IdcError
 
 from .processes import run_child
 
-CONFIGS = Path(__file__).resolve().parent.parent / "idc_lite" / "configs"
 #: Bump when :mod:`benchmarks.build` changes what it writes: cached builds are then rebuilt.
 BUILD_VERSION = 6  # 3: external-data weights; 4: no zero vision model; 5: tokenizer check; 6: MatMul layers
 logger = logging.getLogger("benchmarks")
@@ -114,25 +113,13 @@ def find_reference_adapter(recorded: dict, base: Path, given: Path | None) -> tu
 
 
 # ----------------------------------------------------------------------------- random models
-def config_path(name: str) -> Path:
-    """A shipped config by name (``blip2-opt-2.7b``) or a config.json path."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = CONFIGS / f"{name}.json"
-    if shipped.is_file():
-        return shipped
-    known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json")))
-    raise IdcError(name, f"no such config file or shipped config (shipped: {known})")
-
-
 def random_subject(
     config: Path | None, cache: Path, logs: Path, *, decoders=DEFAULT_DECODERS, depth_scale: float = 1.0,
     seed: int = 0, rebuild: bool = False, encoder_precision: str = "fp32", ort_block_size: int | None = None,
     ort_symmetric: bool = False,
 ) -> Subject:
     """A random-weight model for ``config`` (None: tiny) and its artifact, built unless cached."""
-    from idc_lite.backends.torch_decoder import TORCH_DECODERS
+    from idc_lite.artifact import TORCH_DECODERS
 
     if sum(d in TORCH_DECODERS for d in decoders) > 1:
         raise IdcError(None, f"an artifact holds at most one torch decoder ({', '.join(TORCH_DECODERS)}), "

@@ -68,7 +68,7 @@ def markdown(results: dict) -> str:
     lines += ["", *backend_table(results), "", *ratio_table(results), "", *target_table(results), "",
               *decoder_table(results), "", *quality_table(results), "", *notes(results)]
     for name, table in results.get("memory_tables", {}).items():
-        from idc_lite.memory import format_memory_table
+        from idc_lite.tools.memory import format_memory_table
 
         lines += ["", f"<!-- memory table: {name} -->", format_memory_table(table)]
     return "\n".join(lines) + "\n"

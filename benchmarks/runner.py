@@ -16,9 +16,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from idc_lite.tools.memory import config_path
+
 from . import compare, report
 from .machine import machine_info, probe_gpu
-from .models import DEFAULT_DECODERS, Subject, artifact_subject, config_path, default_cache_dir, random_subject
+from .models import DEFAULT_DECODERS, Subject, artifact_subject, default_cache_dir, random_subject
 from .processes import run_child
 
 logger = logging.getLogger("benchmarks")
@@ -105,8 +107,8 @@ def resolve_subject(options: Options, logs: Path) -> Subject:
 
 def quality_dataset(cache: Path, n: int, seed: int) -> tuple[Path, dict[str, list[str]]]:
     """The first ``n`` pairs of the synthetic test split, written once into the cache."""
-    from idc_lite.datasets import read_jsonl
-    from idc_lite.synth import write_dataset
+    from idc_lite.tools.datasets import read_jsonl
+    from idc_lite.tools.synth import write_dataset
 
     folder = cache / f"synth-test-seed{seed}"
     path = folder / "test.jsonl"
@@ -118,11 +120,11 @@ def quality_dataset(cache: Path, n: int, seed: int) -> tuple[Path, dict[str, lis
 
 
 def memory_tables(subject: Subject) -> dict[str, dict]:
-    """``idc_lite.memory.memory_table`` for blip2-opt-2.7b (seed Table 4), and the subject's if its shapes differ.
+    """``idc_lite.tools.memory.memory_table`` for blip2-opt-2.7b (seed Table 4), and the subject's if its shapes differ.
 
     Called after every child has finished: it imports torch (meta device, no weights) in this process.
     """
-    from idc_lite.memory import memory_table
+    from idc_lite.tools.memory import memory_table
 
     tables = {SEED_CONFIG: memory_table(config_path(SEED_CONFIG))}
     if subject.config is not None:

@@ -27,13 +27,12 @@ from pathlib import Path
 
 from idc_lite import __version__
 from idc_lite.adapters import adapter_summary, find_adapter
-from idc_lite.artifact import write_manifest
-from idc_lite.backends.ort_decoder import ORT_DECODERS
-from idc_lite.backends.reference import load_tokenizer
-from idc_lite.backends.torch_decoder import TORCH_DECODERS
+from idc_lite.artifact import DECODERS, ORT_DECODERS, TORCH_DECODERS, write_manifest
+from idc_lite.tokenizer import load_tokenizer
+from idc_lite.errors import first_line
 from idc_lite.decoding import prefix_ids, token_settings
 from idc_lite.loading import check_blip2_dir, resolve_model_dir
-from idc_lite.memory import count_parameters, load_config, meta_model
+from idc_lite.tools.memory import count_parameters, load_config, meta_model
 from idc_lite.runtime import quiet_libraries
 from idc_lite.settings import CompositionSettings, GenerationSettings, ProcessorSettings, to_dict
 from idc_lite.tokenizer import check_bare_tokenizer
@@ -59,7 +58,7 @@ def decoder_names(decoder_precision: str | None = None, decoders=None) -> tuple[
                               f"not {precision!r}")
         return DECODERS_BY_PRECISION[precision]
     names = tuple(dict.fromkeys(decoders))
-    known = (*TORCH_DECODERS, *ORT_DECODERS)
+    known = DECODERS
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ExportError(None, f"decoders must be among {', '.join(known)}, not {', '.join(unknown) or 'none'}")
@@ -129,7 +128,12 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
         raise ExportError(model_dir, f"processor size {processor.height}x{processor.width} "
                           f"differs from the vision model's {image_size}x{image_size}")
     adapter_source = find_adapter(adapter) if adapter else None
-    counts = count_parameters(meta_model(load_config(model_dir)))
+    meta = meta_model(load_config(model_dir))
+    counts = count_parameters(meta)
+    if "bnb-int4" in decoders:
+        from .decoder import check_bnb_shapes
+
+        check_bnb_shapes(meta.language_model)  # before any work: bitsandbytes fails late, with an assertion
     check_free_space(work.parent, export_disk_need(counts, encoder_precision, decoders, adapter_source is not None))
     weights_dir = model_dir
     if adapter_source is not None:
@@ -266,7 +270,7 @@ def _merge(model_dir: Path, adapter, out: Path, model_name: str) -> None:
     try:
         net = Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ExportError(model_dir, f"cannot load the model ({str(exc).strip().splitlines()[0]})") from None
+        raise ExportError(model_dir, f"cannot load the model ({first_line(exc)})") from None
     shutil.rmtree(out, ignore_errors=True)
     apply_adapter(net, adapter, model_name, merge=True).save_pretrained(out)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from idc_lite.backends.torch_decoder import TORCH_DECODERS, load_torch_decoder
+from idc_lite.artifact import TORCH_DECODER_DIR, TORCH_DECODERS
+from idc_lite.decoders import load_torch_decoder
 from idc_lite.decoding import inputs_embeds
 
 from .errors import ExportError, QuantizationError
@@ -23,6 +24,19 @@ logger = logging.getLogger("export")
 
 PRECISION_TO_DECODER = {precision: name for name, precision in TORCH_DECODERS.items()}
 MIN_COSINE = {"int4": 0.99, "fp16": 0.9999, "fp32": 0.99999}
+#: bitsandbytes' CPU kernels on CPUs with AVX512-BF16 repack int4 weights in blocks of this many output
+#: rows and assert that the output width divides into them; elsewhere they run any width. An artifact
+#: runs on any CPU, so the export refuses widths that would fail there.
+BNB_CPU_BLOCK_N = 32
+
+
+def check_bnb_shapes(language_model) -> None:
+    """Raise :class:`ExportError` if a Linear that bnb-int4 quantizes has an output width bitsandbytes cannot pack."""
+    odd = sorted({m.out_features for name, m in language_model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and "lm_head" not in name and m.out_features % BNB_CPU_BLOCK_N})
+    if odd:
+        raise ExportError(None, f"bnb-int4 needs layer widths that are multiples of {BNB_CPU_BLOCK_N} (bitsandbytes' "
+                          f"CPU kernels), this model has {', '.join(map(str, odd))}: build ort-int4 instead")
 
 
 def export_decoder(language_model, out_dir: Path, precision: str, query_embeds: torch.Tensor, prefix: list[int]) -> tuple[str, dict]:
@@ -30,7 +44,7 @@ def export_decoder(language_model, out_dir: Path, precision: str, query_embeds: 
     if precision not in PRECISION_TO_DECODER:
         raise ExportError(None, f"decoder precision must be one of {', '.join(PRECISION_TO_DECODER)}, not {precision!r}")
     name = PRECISION_TO_DECODER[precision]
-    target = out_dir / "decoder"
+    target = out_dir / TORCH_DECODER_DIR
     language_model = language_model.float().eval()
     embeds = inputs_embeds(language_model, query_embeds, prefix)
     with torch.inference_mode():
@@ -44,7 +58,7 @@ def export_decoder(language_model, out_dir: Path, precision: str, query_embeds: 
     logger.info("decoder %s: next-token logits cosine similarity to fp32 = %.5f", name, cosine)
     if cosine < MIN_COSINE[precision]:
         raise QuantizationError(target, f"{name} logits cosine similarity {cosine:.4f} < {MIN_COSINE[precision]}")
-    entry = {"dir": "decoder", "runtime": "torch", "precision": precision,
+    entry = {"dir": TORCH_DECODER_DIR, "runtime": "torch", "precision": precision,
              "validation": {"logits_cosine_min": cosine, "threshold": MIN_COSINE[precision]}}
     if precision == "int4":
         entry["quantization"] = {"method": "bitsandbytes", "quant_type": "nf4", "blocksize": 64, "double_quant": False}

@@ -72,7 +72,7 @@ class SceneSource:
         from PIL import Image
 
         from idc_lite.compose import compose_pair, preprocess
-        from idc_lite.synth import SPLIT_IDS, describe_scene, generate_pair, random_scene, render_scene
+        from idc_lite.tools.synth import SPLIT_IDS, describe_scene, generate_pair, random_scene, render_scene
 
         pixels, captions = [], []
         for index in range(start, stop):
@@ -107,7 +107,7 @@ class PairSource:
 
     def examples(self, start: int, stop: int):
         from idc_lite.compose import compose_pair
-        from idc_lite.synth import generate_pair
+        from idc_lite.tools.synth import generate_pair
 
         pixels, captions = [], []
         for index in range(start, stop):
@@ -120,7 +120,7 @@ class PairSource:
 
 def caption_corpus(seed: int, n: int = 4000) -> list[str]:
     """Captions of the world's training split: change references and scene descriptions."""
-    from idc_lite.synth import SPLIT_IDS, describe_scene, generate_pair, random_scene
+    from idc_lite.tools.synth import SPLIT_IDS, describe_scene, generate_pair, random_scene
 
     texts = []
     for index in range(n):
@@ -134,7 +134,7 @@ def build_base(out: Path, seed: int) -> Path:
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
-    from idc_lite.modelgen import BOS_ID, EOS_ID, IMAGE_TOKEN, PAD_ID, save_model, train_tokenizer
+    from idc_lite.tools.modelgen import BOS_ID, EOS_ID, IMAGE_TOKEN, PAD_ID, save_model, train_tokenizer
 
     tokenizer = train_tokenizer(caption_corpus(seed), vocab_size=VOCAB_SIZE)
     config = Blip2Config(
@@ -183,7 +183,7 @@ def train_stage(model_dir: Path, out: Path, source, val_source, seed: int, **set
 
     from tqdm import tqdm
 
-    from idc_lite.training import Trainer, TrainSettings, validation_batches
+    from idc_lite.tools.training import Trainer, TrainSettings, validation_batches
 
     done = out / "done.json"
     if done.is_file():

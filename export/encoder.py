@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from idc_lite.artifact import ENCODER_FILE, ENCODER_INPUT, ENCODER_OUTPUT
+
 from .errors import AtolError, ExportError, QuantizationError, ShapeError
 from .graph_ops import gemm_to_matmul, min_cosine, quantize_int4
 
 logger = logging.getLogger("export")
 
-INPUT_NAME, OUTPUT_NAME = "pixel_values", "query_embeds"
 #: Max |onnx - torch| allowed is ``atol + rtol * max|torch|``, per precision.
 TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (1e-2, 1e-2)}
 #: Quantized encoders are checked by the cosine similarity of each query embedding to torch's.
@@ -85,7 +86,7 @@ class EncoderReport:
     def as_dict(self) -> dict:
         validation = {"max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
                       "inputs_checked": self.inputs_checked}
-        entry = {"file": self.file, "precision": self.precision, "input": INPUT_NAME, "output": OUTPUT_NAME,
+        entry = {"file": self.file, "precision": self.precision, "input": ENCODER_INPUT, "output": ENCODER_OUTPUT,
                  "validation": validation}
         if self.precision in MIN_COSINE:
             validation.update(cosine_min=self.cosine_min, threshold=MIN_COSINE[self.precision])
@@ -119,14 +120,14 @@ def export_encoder(blip2, out_dir: Path, precision: str = "fp32", image_size: in
     if precision not in PRECISIONS:
         raise ExportError(None, f"encoder precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     module = QueryEncoder(blip2).eval().float()
-    path = out_dir / "encoder.onnx"
+    path = out_dir / ENCODER_FILE
     example = torch.from_numpy(sample_inputs(image_size)[1])
     logger.info("exporting the encoder to ONNX (torch.onnx, dynamo)")
     weights_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     with torch.inference_mode():
         program = torch.onnx.export(
-            module, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}}, optimize=True, verbose=False,
+            module, (example,), dynamo=True, input_names=[ENCODER_INPUT], output_names=[ENCODER_OUTPUT],
+            dynamic_shapes={ENCODER_INPUT: {0: torch.export.Dim("batch")}}, optimize=True, verbose=False,
         )
     if precision == "fp16":
         _save_fp16(program.model_proto, path, weights_bytes)
@@ -196,7 +197,7 @@ def validate_encoder(module: torch.nn.Module, path: Path, precision: str, image_
     for pixels in inputs:
         with torch.inference_mode():
             expected = module(torch.from_numpy(pixels)).numpy()
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0].astype(np.float32)
+        got = session.run([ENCODER_OUTPUT], {ENCODER_INPUT: pixels})[0].astype(np.float32)
         if got.shape != expected.shape:
             raise ShapeError(path, f"output shape {got.shape}, torch gives {expected.shape}")
         diff = float(np.abs(got - expected).max())

@@ -81,7 +81,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idc_lite.backends.ort_decoder import INPUTS, LOGITS, ORT_DECODERS, cache_numpy_dtype, past_names
+from idc_lite.artifact import DECODER_INPUTS as INPUTS
+from idc_lite.artifact import DECODER_LOGITS as LOGITS
+from idc_lite.artifact import ORT_DECODER_GRAPH, ORT_DECODERS, cache_numpy_dtype, past_names
 
 from .errors import AtolError, ExportError, QuantizationError, ShapeError
 from .graph_ops import gemm_to_matmul, min_cosine, quantize_int4
@@ -195,7 +197,7 @@ def export_ort_decoder(
     name = PRECISION_TO_DECODER[precision]
     target = out_dir / name
     target.mkdir(parents=True, exist_ok=True)
-    path = target / "decoder.onnx"
+    path = target / ORT_DECODER_GRAPH
     language_model = language_model.float().eval()
     linears_as_matmuls(language_model)  # the caller's copy: it loads the weights for this decoder alone
     shape = graph_shape(language_model)
@@ -209,7 +211,7 @@ def export_ort_decoder(
 
     try:  # a decoder that fails its validation leaves nothing behind
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-            graph = Path(tmp) / "decoder.onnx" if precision != "fp32" else path
+            graph = Path(tmp) / ORT_DECODER_GRAPH if precision != "fp32" else path
             _export_graph(module, graph)
             del reference, module
             language_model.to("meta")
@@ -226,7 +228,7 @@ def export_ort_decoder(
         shutil.rmtree(target, ignore_errors=True)
         raise
     entry = {
-        "dir": name, "graph": "decoder.onnx", "runtime": "onnxruntime", "precision": precision,
+        "dir": name, "graph": ORT_DECODER_GRAPH, "runtime": "onnxruntime", "precision": precision,
         "shape": shape, "inputs": [*INPUTS, "past.{i}.key", "past.{i}.value"],
         "outputs": [LOGITS, "present.{i}.key", "present.{i}.value"],
         "embeddings": {"precision": table_precision, "tied_lm_head": tied},

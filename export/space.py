@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from idc_lite.memory import ParamCounts
+from idc_lite.tools.memory import ParamCounts
 
 from .errors import ExportError
 

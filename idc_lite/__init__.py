@@ -1,6 +1,7 @@
 """idc-lite: say what changed between two images, with BLIP2IDC, fast and small.
 
-``import idc_lite`` is cheap: torch, transformers and onnxruntime load when a model is first built.
+``import idc_lite`` is cheap: ONNX Runtime (and torch, for the reference backend) load when a model is
+first built.
 
     from idc_lite import Captioner
     captioner = Captioner("path/to/model-or-artifact")
@@ -23,6 +24,8 @@ _LAZY = {
     "ModelError": "errors",
     "AdapterError": "errors",
     "ArtifactError": "errors",
+    "OptionError": "errors",
+    "MissingExtraError": "errors",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AdapterError
+from .errors import AdapterError, first_line
 from .hashing import file_sha256
 from .loading import read_json
 
@@ -85,7 +85,7 @@ def load_adapter_weights(source: AdapterSource) -> dict:
         try:
             tensors = torch.load(source.weights, map_location="cpu", weights_only=True)
         except Exception as exc:  # UnpicklingError for unsafe content, RuntimeError for corrupt zips
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise AdapterError(
                 source.weights, f"refused: not a plain tensor checkpoint, it will not be unpickled ({first})"
             ) from None
@@ -131,11 +131,11 @@ def apply_adapter(model, source: AdapterSource, model_name: str, merge: bool = F
             warnings.simplefilter("ignore", UserWarning)
             peft_model = get_peft_model(model, config)
     except ValueError as exc:
-        raise AdapterError(source.path, f"{misfit} ({str(exc).splitlines()[0]})") from None
+        raise AdapterError(source.path, f"{misfit} ({first_line(exc)})") from None
     try:
         result = set_peft_model_state_dict(peft_model, tensors)
     except RuntimeError as exc:
-        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc).splitlines()[0])
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), first_line(exc))
         raise AdapterError(source.weights, f"{misfit} ({detail})") from None
     unexpected = [k for k in result.unexpected_keys if ".lora_" in k]
     if unexpected:

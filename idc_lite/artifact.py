@@ -1,23 +1,36 @@
-"""The artifact directory: the contract between ``export/`` (which writes it) and the lite runtime.
+"""The artifact contract between ``export/`` (which writes an artifact) and the runtime (which loads it).
+
+Declared once, here, and imported by both sides: the file layout, the decoder names, each graph's
+input and output names, and the manifest's schema as typed entries.
 
 ::
 
-    manifest.json             format version, provenance, settings, precisions, sha256 of every file
-    encoder.onnx (+ .data)    ViT + Q-Former + query tokens + language projection, one ONNX graph
-    decoder/                  the merged OPT decoder (safetensors; int4 pre-quantized or fp16/fp32)
-    tokenizer.json, ...       tokenizer files
-    preprocessor_config.json  the image processor's settings
+    manifest.json              format version, provenance, settings, entries below, size + sha256 of every file
+    encoder.onnx (+ .data)     ViT + Q-Former + query tokens + language projection, one ONNX graph:
+                               ENCODER_INPUT (pixels) -> ENCODER_OUTPUT (query embeddings)
+    decoder/                   a torch decoder (TORCH_DECODERS): transformers' OPT in safetensors
+    ort-int4/decoder.onnx ...  an ONNX Runtime decoder (ORT_DECODERS), one folder each, DECODER_INPUTS
+                               + past.{i}.key/value -> DECODER_LOGITS + present.{i}.key/value
+    tokenizer.json, ...        tokenizer files
+    preprocessor_config.json   the image processor's settings
 
-:func:`load_manifest` checks the manifest and every file it lists (presence, size, sha256) before
-anything is built from them, and says exactly what is wrong.
+:func:`load_manifest` parses the manifest into typed entries (a malformed one is one
+:class:`~idc_lite.errors.ArtifactError`) and, unless told not to, checks the folder: every file in it
+is listed with its size and sha256 and matches, is a regular file inside the folder (no symlink, no
+hard link, no path leaving it), and nothing unlisted is there; so every file the runtime then opens
+(graphs, external data, decoder folders, tokenizer) is one the manifest vouches for. This proves
+integrity, not authenticity: anyone who can write the folder can write a matching manifest. Pin an
+artifact by the sha256 of its ``manifest.json`` (:func:`manifest_sha256`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from pathlib import Path
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from .errors import ArtifactError
 from .hashing import file_sha256
@@ -27,11 +40,87 @@ MANIFEST = "manifest.json"
 FORMAT = "idc-lite-artifact"
 FORMAT_VERSION = 1
 
+#: The encoder graph: file name, and its input and output names.
+ENCODER_FILE = "encoder.onnx"
+ENCODER_INPUT = "pixel_values"
+ENCODER_OUTPUT = "query_embeds"
+
+#: Torch decoders (transformers' OPT, loaded with the ``reference`` extra) -> storage precision.
+TORCH_DECODERS = {"bnb-int4": "int4", "torch-fp16": "fp16", "torch-fp32": "fp32"}
+#: The folder of an artifact's (single) torch decoder.
+TORCH_DECODER_DIR = "decoder"
+#: ONNX Runtime decoders -> what their graph computes in: int4 weights with fp32 (CPU) or fp16 (CUDA)
+#: activations and cache, or fp32. Each lives in a folder of its name holding :data:`ORT_DECODER_GRAPH`.
+ORT_DECODERS = {"ort-int4": "int4", "ort-int4-fp16": "int4-fp16", "ort-fp32": "fp32"}
+ORT_DECODER_GRAPH = "decoder.onnx"
+#: Every decoder name this idc-lite knows.
+DECODERS = (*TORCH_DECODERS, *ORT_DECODERS)
+
+#: An ONNX Runtime decoder graph's inputs besides the cache, and its logits output; the per-layer
+#: cache names come from :func:`past_names`.
+DECODER_INPUTS = ("inputs_embeds", "input_ids", "attention_mask", "beam_idx")
+DECODER_LOGITS = "logits"
+
+
+def past_names(num_layers: int, prefix: str = "past") -> list[str]:
+    """``past.0.key, past.0.value, past.1.key, ...`` (``prefix="present"`` for the outputs)."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def cache_numpy_dtype(session) -> type:
+    """The numpy type of a decoder graph's KV cache: float16 for ``ort-int4-fp16``, else float32."""
+    import numpy as np
+
+    kind = next(i.type for i in session.get_inputs() if i.name == past_names(1)[0])
+    return np.float16 if kind == "tensor(float16)" else np.float32
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    """The manifest's ``encoder``: graph file (relative to the artifact), its I/O names and precision."""
+
+    file: str
+    input: str
+    output: str
+    precision: str
+    validation: dict = field(default_factory=dict)
+    quantization: dict | None = None
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """An ONNX Runtime decoder's dimensions, which its cache buffers are sized from."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class DecoderEntry:
+    """One of the manifest's ``decoders``: where it lives and how it was made and checked."""
+
+    name: str
+    dir: str
+    runtime: str  # "torch" or "onnxruntime"
+    precision: str
+    graph: str | None = None  # ONNX Runtime decoders: the graph file inside ``dir``
+    shape: DecoderShape | None = None  # ONNX Runtime decoders
+    validation: dict = field(default_factory=dict)
+    quantization: dict | None = None
+    embeddings: dict | None = None
+
 
 @dataclass(frozen=True)
 class Manifest:
-    path: Path  # the artifact directory
+    """A parsed, checked manifest; ``path`` is the artifact directory and ``data`` the raw JSON."""
+
+    path: Path
     data: dict
+    encoder: EncoderEntry
+    decoders: dict[str, DecoderEntry]
 
     @property
     def name(self) -> str:
@@ -39,44 +128,69 @@ class Manifest:
 
     @property
     def composition(self) -> CompositionSettings:
-        return from_dict(CompositionSettings, self.data["composition"])
+        return _settings(self, CompositionSettings, "composition")
 
     @property
     def generation(self) -> GenerationSettings:
-        return from_dict(GenerationSettings, self.data["generation"])
+        return _settings(self, GenerationSettings, "generation")
 
     @property
     def processor(self) -> ProcessorSettings:
-        return from_dict(ProcessorSettings, self.data["processor"])
+        return _settings(self, ProcessorSettings, "processor")
 
     @property
     def tokens(self) -> TokenSettings:
-        return from_dict(TokenSettings, self.data["tokens"])
+        return _settings(self, TokenSettings, "tokens")
 
     @property
-    def encoder(self) -> dict:
-        return self.data["encoder"]
+    def tokenizer(self) -> dict | None:
+        """How the export checked the bare tokenizer (``{"runtime": "tokenizers", ...}``), if it did."""
+        value = self.data.get("tokenizer")
+        return value if isinstance(value, dict) else None
 
     @property
-    def decoders(self) -> dict[str, dict]:
-        """Decoders in the artifact by name (``bnb-int4``, ``torch-fp32``, ``ort-int4``, ...)."""
-        return self.data["decoders"]
+    def adapter_name(self) -> str | None:
+        provenance = self.data.get("provenance")
+        adapter = provenance.get("adapter") if isinstance(provenance, dict) else None
+        return adapter.get("name") if isinstance(adapter, dict) else None
 
     def file(self, relative: str) -> Path:
+        """The path of a file the manifest names (already checked to stay inside the artifact)."""
         return self.path / relative
+
+    def decoder_dir(self, name: str) -> Path:
+        return self.path / self.decoders[name].dir
+
+    def decoder_graph(self, name: str) -> Path:
+        entry = self.decoders[name]
+        if entry.graph is None:
+            raise ArtifactError(self.path / MANIFEST, f"decoder {name!r} has no graph")
+        return self.path / entry.dir / entry.graph
+
+
+def _settings(manifest: Manifest, cls, key: str):
+    try:
+        return from_dict(cls, manifest.data[key])
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(manifest.path / MANIFEST, f"malformed {key!r} ({exc})") from None
 
 
 def is_artifact(path: str | os.PathLike) -> bool:
     return (Path(os.fspath(path)).expanduser() / MANIFEST).is_file()
 
 
+def manifest_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of an artifact's ``manifest.json``: it pins every file, so it pins the artifact."""
+    return file_sha256(Path(os.fspath(path)).expanduser() / MANIFEST)
+
+
 def load_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
-    """Read and check an artifact's manifest; with ``verify``, also every file's size and sha256."""
+    """Read and check an artifact's manifest; with ``verify``, also every file in the folder (see the module doc)."""
     root = Path(os.fspath(path)).expanduser()
     if not root.exists():
         raise ArtifactError(root, "no such artifact directory")
     manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
+    if manifest_path.is_symlink() or not manifest_path.is_file():
         raise ArtifactError(root, f"not an idc-lite artifact (no {MANIFEST})")
     try:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -91,22 +205,142 @@ def load_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
             "re-export the artifact with this version of idc-lite",
         )
     for key in ("composition", "generation", "processor", "tokens", "encoder", "decoders", "files"):
-        if key not in data:
-            raise ArtifactError(manifest_path, f"manifest lacks {key!r}")
+        if not isinstance(data.get(key), dict):
+            raise ArtifactError(manifest_path, f"manifest lacks {key!r}" if key not in data
+                                else f"malformed manifest: {key!r} is not an object")
+    files = _parse_files(manifest_path, data["files"])
+    encoder = _parse_encoder(manifest_path, data["encoder"])
+    decoders = {name: _parse_decoder(manifest_path, name, entry) for name, entry in data["decoders"].items()}
+    if not decoders:
+        raise ArtifactError(manifest_path, "malformed manifest: it lists no decoder")
+    opened = [encoder.file, *(d.dir if d.graph is None else f"{d.dir}/{d.graph}" for d in decoders.values())]
+    for relative in opened:
+        if relative not in files and not any(f.startswith(relative.rstrip("/") + "/") for f in files):
+            raise ArtifactError(root / relative, "not listed in the manifest's files")
+    manifest = Manifest(root, data, encoder, decoders)
+    for key in ("composition", "generation", "processor", "tokens"):
+        getattr(manifest, key)  # a malformed settings object is one error now, not a TypeError later
     if verify:
-        verify_files(root, data["files"])
-    return Manifest(root, data)
+        verify_files(root, files)
+    return manifest
+
+
+def _malformed(manifest_path: Path, what: str) -> ArtifactError:
+    return ArtifactError(manifest_path, f"malformed manifest: {what}")
+
+
+def _relative(manifest_path: Path, value: Any, what: str) -> str:
+    """A relative path that stays inside the artifact: no absolute path, no ``..``, no backslash or drive."""
+    if not isinstance(value, str) or not value:
+        raise _malformed(manifest_path, f"{what} is not a path")
+    pure = PurePosixPath(value)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in value or ":" in value or value.startswith("~"):
+        raise _malformed(manifest_path, f"{what} {value!r} leaves the artifact folder")
+    return pure.as_posix()
+
+
+def _field(manifest_path: Path, entry: dict, key: str, kind: type, what: str):
+    value = entry.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise _malformed(manifest_path, f"{what} lacks {key!r} or it is not a {kind.__name__}")
+    return value
+
+
+def _parse_files(manifest_path: Path, files: dict) -> dict[str, dict]:
+    checked = {}
+    for relative, expected in files.items():
+        name = _relative(manifest_path, relative, "a files entry")
+        if name == MANIFEST:
+            raise _malformed(manifest_path, "the manifest lists itself")
+        if not isinstance(expected, dict):
+            raise _malformed(manifest_path, f"files entry {relative!r} is not an object")
+        size = _field(manifest_path, expected, "size", int, f"files entry {relative!r}")
+        digest = _field(manifest_path, expected, "sha256", str, f"files entry {relative!r}")
+        if size < 0 or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise _malformed(manifest_path, f"files entry {relative!r} has a bad size or sha256")
+        checked[name] = {"size": size, "sha256": digest}
+    return checked
+
+
+def _parse_encoder(manifest_path: Path, entry: dict) -> EncoderEntry:
+    return EncoderEntry(
+        file=_relative(manifest_path, entry.get("file"), "encoder.file"),
+        input=_field(manifest_path, entry, "input", str, "encoder"),
+        output=_field(manifest_path, entry, "output", str, "encoder"),
+        precision=_field(manifest_path, entry, "precision", str, "encoder"),
+        validation=entry.get("validation") if isinstance(entry.get("validation"), dict) else {},
+        quantization=entry.get("quantization") if isinstance(entry.get("quantization"), dict) else None,
+    )
+
+
+def _parse_decoder(manifest_path: Path, name: str, entry: Any) -> DecoderEntry:
+    what = f"decoder {name!r}"
+    if not isinstance(entry, dict):
+        raise _malformed(manifest_path, f"{what} is not an object")
+    runtime = _field(manifest_path, entry, "runtime", str, what)
+    graph = shape = None
+    if runtime == "onnxruntime":
+        graph = _relative(manifest_path, entry.get("graph"), f"{what}'s graph")
+        raw = entry.get("shape")
+        if not isinstance(raw, dict):
+            raise _malformed(manifest_path, f"{what} lacks its 'shape'")
+        dims = {key: _field(manifest_path, raw, key, int, f"{what}'s shape") for key in
+                ("layers", "heads", "head_dim", "hidden_size", "vocab_size")}
+        if min(dims.values()) < 1:
+            raise _malformed(manifest_path, f"{what}'s shape has a dimension below 1")
+        shape = DecoderShape(**dims)
+    elif runtime != "torch":
+        raise _malformed(manifest_path, f"{what} has runtime {runtime!r}, not 'torch' or 'onnxruntime'")
+
+    def optional(key):
+        value = entry.get(key)
+        return value if isinstance(value, dict) else None
+
+    return DecoderEntry(
+        name=name, dir=_relative(manifest_path, entry.get("dir"), f"{what}'s dir"), runtime=runtime,
+        precision=_field(manifest_path, entry, "precision", str, what), graph=graph, shape=shape,
+        validation=optional("validation") or {}, quantization=optional("quantization"),
+        embeddings=optional("embeddings"),
+    )
 
 
 def verify_files(root: Path, files: dict[str, dict]) -> None:
-    """Check that every listed file exists with its recorded size and sha256."""
+    """Check the artifact folder against the manifest's ``files``.
+
+    Every listed file must be a regular file inside ``root`` (no symlink anywhere on its path, one
+    hard link) with its recorded size and sha256, and nothing but the manifest and the listed files
+    (and the folders holding them) may be in the folder.
+    """
+    real_root = root.resolve()
+    folders = {PurePosixPath(name).parents[i].as_posix() for name in files
+               for i in range(len(PurePosixPath(name).parts) - 1)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        for name in dirnames + filenames:
+            path = here / name
+            relative = path.relative_to(root).as_posix()
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                raise ArtifactError(path, "is a symbolic link; an artifact holds regular files only")
+            if stat.S_ISDIR(info.st_mode):
+                if relative not in folders:
+                    raise ArtifactError(path, "not listed in the manifest: an artifact holds only the files it lists")
+            elif relative != MANIFEST and relative not in files:
+                raise ArtifactError(path, "not listed in the manifest: an artifact holds only the files it lists")
     for relative, expected in sorted(files.items()):
         path = root / relative
-        if not path.is_file():
-            raise ArtifactError(path, "missing from the artifact")
-        size = path.stat().st_size
-        if size != expected["size"]:
-            raise ArtifactError(path, f"truncated or altered: {size} bytes, the manifest says {expected['size']}")
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            raise ArtifactError(path, "missing from the artifact") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise ArtifactError(path, "is not a regular file")
+        if info.st_nlink > 1:
+            raise ArtifactError(path, "has other hard links; an artifact's files must be its own")
+        if not path.resolve().is_relative_to(real_root):
+            raise ArtifactError(path, "lies outside the artifact folder")
+        if info.st_size != expected["size"]:
+            raise ArtifactError(path, f"truncated or altered: {info.st_size} bytes, the manifest says {expected['size']}")
         if file_sha256(path) != expected["sha256"]:
             raise ArtifactError(path, "sha256 does not match the manifest: the file was altered or corrupted")
 

@@ -17,12 +17,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .compose import ImageInput, compose_pair, describe_input
 from .decoding import decode
-from .errors import IdcError
+from .errors import IdcError, OptionError, first_line, require
 from .settings import CompositionSettings, GenerationSettings
+
+if TYPE_CHECKING:
+    from .backends import Backend
 
 logger = logging.getLogger("idc_lite")
 
@@ -80,7 +83,9 @@ class Captioner:
         composition: how pairs are stacked (:class:`~idc_lite.settings.CompositionSettings`).
         generation: default decoding settings (:class:`~idc_lite.settings.GenerationSettings`).
         backend_options: passed to the lite backend: ``decoder`` (which of the artifact's decoders),
-            ``providers`` (ONNX Runtime providers) and ``threads`` (ONNX Runtime intra-op threads).
+            ``providers`` (ONNX Runtime providers) and ``threads`` (ONNX Runtime intra-op threads);
+            given for a model that runs on the reference backend, they raise
+            :class:`~idc_lite.errors.OptionError`.
     """
 
     def __init__(
@@ -90,14 +95,12 @@ class Captioner:
         composition: CompositionSettings | None = None, generation: GenerationSettings | None = None,
         **backend_options,
     ):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         if model is None:
             from .default_model import default_model_dir
 
             model = default_model_dir()
         started = time.perf_counter()
-        self.backend = _load_backend(
+        self.backend: Backend = _load_backend(
             model, adapter, backend=backend, device=device, dtype=dtype, revision=revision,
             local_files_only=local_files_only, merge_adapter=merge_adapter, **backend_options,
         )
@@ -160,7 +163,7 @@ class Captioner:
                 if on_error == "raise":
                     raise
                 logger.exception("batch of %d pairs failed", len(pixels))
-                message = f"model failed on this batch ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                message = f"model failed on this batch ({type(exc).__name__}: {first_line(exc)})"
                 errors.update({i: message for i in range(len(chunk)) if i not in errors})
                 captions = []
             inference_s = (time.perf_counter() - started) / len(pixels)
@@ -177,17 +180,23 @@ class Captioner:
         return results
 
 
-def _load_backend(model, adapter, *, backend, decoder=None, providers=None, threads=None, **options):
+def _load_backend(model, adapter, *, backend, decoder=None, providers=None, threads=None, **options) -> Backend:
     from .artifact import is_artifact
 
+    if backend not in BACKENDS:
+        raise OptionError(None, f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "auto":
         backend = "lite" if is_artifact(model) else "reference"
     if backend == "lite":
         from .backends.lite import LiteBackend
 
         return LiteBackend(model, adapter, device=options["device"], decoder=decoder, providers=providers, threads=threads)
-    if decoder or providers or threads:
-        raise ValueError("decoder, providers and threads apply to the lite backend only")
+    given = [name for name, value in (("decoder", decoder), ("providers", providers), ("threads", threads)) if value]
+    if given:
+        raise OptionError(model, f"{' and '.join(given)} apply to the lite backend only, and this is not an idc-lite "
+                          "artifact: it runs on the reference backend")
+    require("torch", "the reference backend", "reference")
+    require("transformers", "the reference backend", "reference")
     from .backends.reference import ReferenceBackend
 
     return ReferenceBackend(model, adapter, **options)

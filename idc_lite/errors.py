@@ -40,3 +40,31 @@ class ArtifactError(IdcError):
 
 class DatasetError(IdcError):
     """A dataset file or record that cannot be read."""
+
+
+class OptionError(IdcError):
+    """Options that do not go together or do not apply (a lite-only option for the reference backend, ...)."""
+
+
+class MissingExtraError(IdcError):
+    """A feature whose optional dependencies are not installed; the message names the extra to install."""
+
+
+def require(module: str, feature: str, extra: str) -> None:
+    """Raise :class:`MissingExtraError` unless ``module`` can be imported: ``feature`` needs the ``extra``.
+
+    Only checks that the module is installed (``importlib.util.find_spec``); importing it stays with
+    the caller, so a check costs no start-up time.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtraError(None, f"{feature} needs {module}: pip install 'idc-lite[{extra}]'")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name when it has none."""
+    for line in str(exc).strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

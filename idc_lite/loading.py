@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: Files a BLIP-2 model directory needs, fetched from the hub (weights as safetensors only).
@@ -56,7 +56,7 @@ def _snapshot(repo_id: str, revision: str | None, local_files_only: bool) -> str
         why = "local_files_only is set" if local_files_only else "HF_HUB_OFFLINE is set or the hub is unreachable"
         raise ModelError(where, f"not in the local hub cache and {why}; give a local directory instead") from None
     except (hub_errors.HfHubHTTPError, OSError) as exc:
-        raise ModelError(where, f"download failed ({str(exc).splitlines()[0]})") from None
+        raise ModelError(where, f"download failed ({first_line(exc)})") from None
 
 
 def read_json(path: Path, kind: type[Exception] = ModelError) -> dict:

@@ -22,7 +22,8 @@ def describe_model(model: str | os.PathLike | None, device: str = "auto") -> dic
 
 
 def _artifact_report(path, device: str) -> dict:
-    from .backends.lite import DEFAULT_DECODERS, encoder_providers
+    from .backends.lite import DEFAULT_DECODERS
+    from .backends.sessions import session_providers
 
     manifest = load_manifest(path)
     data = manifest.data
@@ -35,15 +36,15 @@ def _artifact_report(path, device: str) -> dict:
         "format": f"{data['format']} v{data['format_version']}",
         "base": _base(provenance.get("base") or {}),
         "adapter": f"{adapter.get('name')} (r={adapter.get('r')}, sha256 {adapter.get('sha256', '')[:12]})" if adapter else "none",
-        "encoder": f"{encoder['file']} {encoder['precision']}, " + _encoder_check(encoder['validation']),
-        "decoders": ", ".join(f"{name} ({entry['precision']}, logits cosine {entry['validation']['logits_cosine_min']:.4f})"
+        "encoder": f"{encoder.file} {encoder.precision}, " + _encoder_check(encoder.validation),
+        "decoders": ", ".join(f"{name} ({entry.precision}, {_decoder_check(entry.validation)})"
                               for name, entry in manifest.decoders.items()),
-        "tokenizer": _tokenizer(data.get("tokenizer") or {}),
+        "tokenizer": _tokenizer(manifest.tokenizer or {}),
         "generation": ", ".join(f"{k}={v}" for k, v in data["generation"].items()),
         "composition": f"size policy {data['composition']['size_policy']}",
         "built": f"{data.get('created')} with idc-lite {data.get('built_with', {}).get('idc_lite')}",
     }
-    providers = [p[0] if isinstance(p, tuple) else p for p in encoder_providers(device)]
+    providers = [p[0] if isinstance(p, tuple) else p for p in session_providers(device)]
     return {"name": manifest.name, "kind": "idc-lite artifact", "path": str(manifest.path), "summary": summary,
             "files": data["files"], "manifest": data,
             "plan": {"device": device, "encoder providers": providers, "decoder": decoder}}
@@ -85,7 +86,14 @@ def _model_report(model, device: str) -> dict:
             "files": files, "plan": {"device": device, "backend": "reference", "dtype": dtype}}
 
 
+def _decoder_check(validation: dict) -> str:
+    cosine = validation.get("logits_cosine_min")
+    return f"logits cosine {cosine:.4f}" if isinstance(cosine, (int, float)) else "not validated"
+
+
 def _encoder_check(validation: dict) -> str:
+    if not validation:
+        return "not validated"
     if validation.get("cosine_min") is not None:
         text = f"query-embedding cosine {validation['cosine_min']:.4f} (threshold {validation['threshold']})"
     else:

@@ -1,8 +1,7 @@
 """The lite runtime's tokenizer: the artifact's ``tokenizer.json`` run by ``tokenizers`` alone.
 
 Importing transformers imports torch, which was most of a CPU caption's start-up and memory
-(``idc-lite describe`` on the embedded model, 2-core AMD EPYC: 2.23 s and 333 MB peak with them,
-0.35 s and 120 MB without), for a tokenizer that only builds the prompt's ids and turns the new
+(``docs/design.md``), for a tokenizer that only builds the prompt's ids and turns the new
 tokens into text. transformers' fast tokenizers run the same Rust object that ``tokenizer.json``
 holds, but they may add behaviour of their own (special tokens from ``tokenizer_config.json``, a
 clean-up of spaces, a subclass's ``decode``). So the export checks, with transformers at hand, that the bare file decodes every token
@@ -17,7 +16,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from .errors import ArtifactError
+from .errors import ArtifactError, ModelError, first_line, require
 
 #: Prompts whose ids must be the same either way (ASCII, punctuation, spaces, accents, symbols).
 SAMPLE_PROMPTS = ("Describe the change.", "what is different?", "  two  spaces ", "café, naïve; ✓ 42%", "a\nb")
@@ -34,7 +33,7 @@ class BareTokenizer:
         try:
             self._tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises its own exception type for a bad file
-            raise ArtifactError(path, f"cannot load the tokenizer ({str(exc).strip().splitlines()[0]})") from None
+            raise ArtifactError(path, f"cannot load the tokenizer ({first_line(exc)})") from None
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
         return {"input_ids": self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
@@ -82,8 +81,19 @@ def load_artifact_tokenizer(root: Path, entry: dict | None):
     """The artifact's tokenizer: bare ``tokenizers`` if the export's check passed, else transformers'."""
     if (entry or {}).get("runtime") == "tokenizers":
         return BareTokenizer(root / "tokenizer.json")
-    from .backends.reference import load_tokenizer
+    require("transformers", f"the tokenizer of {root} (not checked to run without transformers at export)", "reference")
     from .runtime import quiet_libraries
 
     quiet_libraries()
     return load_tokenizer(root)
+
+
+def load_tokenizer(model_dir: Path):
+    """A model's tokenizer through transformers (never remote code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(model_dir, f"cannot load the tokenizer ({first_line(exc)})") from None
+

@@ -35,7 +35,7 @@ def random_pairs(n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny BLIP-2 OPT model directory, as a hub download would leave it."""
-    from idc_lite.modelgen import build_tiny_model
+    from idc_lite.tools.modelgen import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-blip2", seed=0)
 

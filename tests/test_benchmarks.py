@@ -175,11 +175,11 @@ def test_encoder_precision_is_built_and_cached_apart(tmp_path, monkeypatch):
                              encoder_precision="fp16")
     assert subject.artifact.name == "artifact-ort-fp32-encoder-fp16"
     manifest = load_manifest(subject.artifact)
-    assert manifest.encoder["precision"] == "fp16" and list(manifest.decoders) == ["ort-fp32"]
-    assert manifest.encoder["validation"]["enforced"] is False  # random vision weights: recorded only
+    assert manifest.encoder.precision == "fp16" and list(manifest.decoders) == ["ort-fp32"]
+    assert manifest.encoder.validation["enforced"] is False  # random vision weights: recorded only
     fp32 = random_subject(None, tmp_path / "cache", tmp_path / "logs", decoders=("ort-fp32",))
     assert fp32.artifact.name == "artifact-ort-fp32" and fp32.reference_model == subject.reference_model
-    assert load_manifest(fp32.artifact).encoder["precision"] == "fp32"
+    assert load_manifest(fp32.artifact).encoder.precision == "fp32"
     # No weight matrix or embedding is left at zero (transformers leaves the vision model so).
     from safetensors import safe_open
 

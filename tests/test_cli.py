@@ -230,7 +230,7 @@ def test_a_cpu_caption_from_an_artifact_needs_neither_torch_nor_transformers(tmp
     from idc_lite import Captioner
 
     with_transformers = Captioner(device="cpu")
-    from idc_lite.backends.reference import load_tokenizer
+    from idc_lite.tokenizer import load_tokenizer
 
     with_transformers.backend.tokenizer = load_tokenizer(EMBEDDED_DIR)
     want = with_transformers.describe(examples / "before" / "color.png", examples / "after" / "color.png").caption

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from idc_lite.datasets import (
+from idc_lite.tools.datasets import (
     PairRecord,
     detect_format,
     read_clevr_change,

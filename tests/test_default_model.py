@@ -56,7 +56,7 @@ def test_captions_say_what_kind_of_change_happened(default):
     misses `add` and `none`, see README "The embedded default model"): 0.4 catches a broken encoder
     or decoder path without asking more than the model does.
     """
-    from idc_lite.synth import CATEGORIES, generate_pair
+    from idc_lite.tools.synth import CATEGORIES, generate_pair
 
     pairs = [generate_pair(i, seed=0, split="test") for i in range(5000, 5000 + 4 * len(CATEGORIES))]
     results = list(default.describe_batch([(p.before, p.after) for p in pairs], batch_size=12))

@@ -8,7 +8,7 @@ import pytest
 from export.demo import PairSource, SceneSource, stacked_caption
 from idc_lite.compose import compose_pair
 from idc_lite.settings import CompositionSettings, ProcessorSettings
-from idc_lite.synth import generate_pair
+from idc_lite.tools.synth import generate_pair
 
 PROCESSOR = ProcessorSettings(height=32, width=32)
 

@@ -10,11 +10,11 @@ import pytest
 
 from conftest import MAX_NEW_TOKENS
 from idc_lite.cli import main
-from idc_lite.datasets import read_dataset
+from idc_lite.tools.datasets import read_dataset
 from idc_lite.errors import InputError
-from idc_lite.evaluate import PREDICTION_FIELDS, TABLE_METRICS, evaluate, format_tables
-from idc_lite.metrics import CIDER_DF_NOTE_KEY, OVERALL, score, score_by_category
-from idc_lite.synth import CATEGORIES, write_dataset
+from idc_lite.tools.evaluate import PREDICTION_FIELDS, TABLE_METRICS, evaluate, format_tables
+from idc_lite.tools.metrics import CIDER_DF_NOTE_KEY, OVERALL, score, score_by_category
+from idc_lite.tools.synth import CATEGORIES, write_dataset
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="java is not on PATH (METEOR needs it)")
 CLI_OPTIONS = ["--no-meteor", "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "4"]

@@ -71,7 +71,7 @@ def test_onnx_encoder_matches_torch(artifact_fp32, tiny_model, legacy_adapter, p
     atol, rtol = TOLERANCES["fp32"]
     assert got.shape == expected.shape == (len(pairs), merged.tokens.num_query_tokens, 64)
     assert np.abs(got - expected).max() <= atol + rtol * np.abs(expected).max()
-    validation = load_manifest(artifact_fp32).encoder["validation"]
+    validation = load_manifest(artifact_fp32).encoder.validation
     assert validation["max_abs_diff"] <= validation["tolerance"] and validation["inputs_checked"] >= 3
 
 
@@ -154,7 +154,7 @@ def test_damaged_artifacts_are_caught_before_any_model_is_built(artifact_int4, t
         raise AssertionError("a model was built from a damaged artifact")
 
     monkeypatch.setattr(lite, "open_session", refuse)
-    monkeypatch.setattr(lite, "load_torch_decoder", refuse)
+    monkeypatch.setattr(lite, "load_ort_decoder", refuse)
     for path, message in _broken_copies(artifact_int4, tmp_path):
         with pytest.raises(ArtifactError) as info:
             Captioner(path, backend="lite")
@@ -188,7 +188,7 @@ def test_encoder_validation_raises_typed_errors(artifact_fp32, tiny_model, monke
 
 def test_a_decoder_that_quantizes_badly_fails_the_build(tmp_path):
     """A random (untrained) decoder loses too much in int4: the export says so and leaves nothing."""
-    from idc_lite.modelgen import build_tiny_model
+    from idc_lite.tools.modelgen import build_tiny_model
 
     random_decoder = build_tiny_model(tmp_path / "random", decoder_steps=0)
     out = tmp_path / "artifact"
@@ -353,9 +353,9 @@ def test_a_disk_that_fills_up_is_said_and_leaves_nothing(tiny_model, legacy_adap
 
 
 def test_the_disk_need_of_opt_2_7b_counts_what_the_exports_write():
-    from benchmarks.models import config_path
+    from idc_lite.tools.memory import config_path
     from export.space import export_disk_need
-    from idc_lite.memory import count_parameters, load_config, meta_model
+    from idc_lite.tools.memory import count_parameters, load_config, meta_model
 
     counts = count_parameters(meta_model(load_config(config_path("blip2-opt-2.7b"))))
     gib = 2**30
@@ -370,7 +370,7 @@ def test_the_disk_need_of_opt_2_7b_counts_what_the_exports_write():
 
 
 def test_the_runtime_tokenizer_is_the_bare_file_the_export_checked(artifact_int4, pairs):
-    from idc_lite.backends.reference import load_tokenizer
+    from idc_lite.tokenizer import load_tokenizer
     from idc_lite.decoding import decode
     from idc_lite.tokenizer import BareTokenizer
 
@@ -388,7 +388,7 @@ def test_the_runtime_tokenizer_is_the_bare_file_the_export_checked(artifact_int4
 
 
 def test_a_tokenizer_transformers_decodes_otherwise_stays_with_transformers(artifact_int4):
-    from idc_lite.backends.reference import load_tokenizer
+    from idc_lite.tokenizer import load_tokenizer
     from idc_lite.tokenizer import BareTokenizer, check_bare_tokenizer, load_artifact_tokenizer
 
     real = load_tokenizer(artifact_int4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from idc_lite.errors import ModelError
-from idc_lite.memory import (
+from idc_lite.tools.memory import (
     BLIP2IDC_TARGET_MODULES, DEFAULT_CONFIG, GIB, LORA_RANKS, PRECISIONS, SEED_TRAINING_GIB, SEED_WEIGHTS_GIB,
     as_quantized_weight_bytes, count_parameters, format_memory_table, load_config, lora_parameter_count,
     lora_targets, memory_table, meta_model, quantized_linear_bytes,

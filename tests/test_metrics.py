@@ -1,4 +1,4 @@
-"""idc_lite.metrics against the COCO caption toolkit itself (pycocoevalcap and its Java parts).
+"""idc_lite.tools.metrics against the COCO caption toolkit itself (pycocoevalcap and its Java parts).
 
 The toolkit is the oracle: every number must equal pycocoevalcap's on the same raw captions
 (1e-6, METEOR 1e-4), and the pure-Python PTB tokenizer must equal CoreNLP's jar. Java start-up is
@@ -11,8 +11,8 @@ import shutil
 
 import pytest
 
-from idc_lite import metrics
-from idc_lite.metrics import meteor as meteor_module
+from idc_lite.tools import metrics
+from idc_lite.tools.metrics import meteor as meteor_module
 
 JAVA = shutil.which("java") is not None
 needs_java = pytest.mark.skipif(not JAVA, reason="java is not on PATH (the toolkit's tokenizer and METEOR need it)")

@@ -15,7 +15,7 @@ from idc_lite.adapters import convert_legacy_adapter, find_adapter
 from idc_lite.compose import compose_batch
 from idc_lite.errors import AdapterError, ModelError
 from idc_lite.loading import resolve_model_dir
-from idc_lite.modelgen import build_tiny_model
+from idc_lite.tools.modelgen import build_tiny_model
 
 GEN = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
 

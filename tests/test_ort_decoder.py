@@ -103,11 +103,11 @@ def test_ort_int4_logits_stay_close_to_fp32(artifact_ort, torch_fp32, adapted, p
     lite = Captioner(artifact_ort, decoder=name)
     decoder = lite.backend.decoder
     entry = load_manifest(artifact_ort).decoders[name]
-    assert entry["runtime"] == "onnxruntime" and entry["quantization"]["method"] == "onnxruntime-matmulnbits"
+    assert entry.runtime == "onnxruntime" and entry.quantization["method"] == "onnxruntime-matmulnbits"
     import onnx
 
-    graph = onnx.load(str(artifact_ort / entry["dir"] / entry["graph"]))
-    assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) == 6 * entry["shape"]["layers"]
+    graph = onnx.load(str(artifact_ort / entry.dir / entry.graph))
+    assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) == 6 * entry.shape.layers
     pixels = compose_batch(random_pairs(16, seed=3), processor=lite.backend.processor)
     query = lite.backend.encode(pixels)
     prefix = prefix_ids(lite.backend.tokenizer, lite.backend.tokens, None)
@@ -136,7 +136,7 @@ def test_batch_equals_one_by_one(artifact_ort, decoder, pairs):
 
 def _unbound_steps(decoder, query, prefix, steps) -> list[np.ndarray]:
     """The logits of a prefill and decode steps run without binding: ONNX Runtime allocates every cache."""
-    from idc_lite.backends.ort_decoder import INPUTS
+    from idc_lite.artifact import DECODER_INPUTS as INPUTS
 
     rows, total = len(query), query.shape[1] + len(prefix)
     past = [np.zeros((rows, decoder.num_heads, 0, decoder.head_dim), dtype=decoder.cache_dtype)] * len(decoder.past)
@@ -234,7 +234,7 @@ def test_cuda_keeps_the_cache_on_the_device(artifact_ort, ort_fp32, pairs, name)
 def test_cuda_options_and_a_cpu_fallback_is_said(artifact_ort, caplog):
     import onnxruntime as ort
 
-    from idc_lite.backends.lite import CUDA_OPTIONS, encoder_providers, open_session
+    from idc_lite.backends.sessions import CUDA_OPTIONS, open_session, session_providers as encoder_providers
 
     assert encoder_providers("cpu") == ["CPUExecutionProvider"]
     assert encoder_providers("cuda", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
@@ -268,7 +268,7 @@ def test_cpu_sessions_skip_the_arena_and_encode_one_image_at_a_time(artifact_ort
     real_run = backend.session.run
     monkeypatch.setattr(backend.session, "run", lambda *args: runs.append(args[1]) or real_run(*args))
     one_by_one = backend.encode(pixels)
-    assert [len(feed[backend.manifest.encoder["input"]]) for feed in runs] == [1, 1, 1]
+    assert [len(feed[backend.manifest.encoder.input]) for feed in runs] == [1, 1, 1]
     monkeypatch.setattr(lite, "CPU_ENCODER_BATCH", 8)
     np.testing.assert_allclose(one_by_one, backend.encode(pixels), rtol=1e-4, atol=1e-5)
     assert len(runs) == 4  # the whole batch in one run
@@ -282,9 +282,9 @@ def test_cli_selects_the_ort_decoder(artifact_ort, pairs, tmp_path, capsys, monk
 
     opened = []
     real = lite.load_ort_decoder
-    def recording(path, entry, *args, **kwargs):
-        opened.append(entry["dir"])
-        return real(path, entry, *args, **kwargs)
+    def recording(manifest, name, *args, **kwargs):
+        opened.append(manifest.decoders[name].dir)
+        return real(manifest, name, *args, **kwargs)
 
     monkeypatch.setattr(lite, "load_ort_decoder", recording)
     Image.fromarray(pairs[0][0]).save(tmp_path / "b.png")
@@ -396,9 +396,9 @@ def test_ort_int4_block_size_and_symmetry_are_chosen_at_export(tiny_model, legac
     artifact = build_artifact(tiny_model, tmp_path / "b64", legacy_adapter, decoders=("ort-int4-fp16",),
                               ort_block_size=64, ort_symmetric=True)
     entry = load_manifest(artifact).decoders["ort-int4-fp16"]
-    assert (entry["quantization"]["block_size"], entry["quantization"]["symmetric"]) == (64, True)
-    assert entry["validation"]["logits_cosine_min"] >= 0.99
-    nodes = [n for n in onnx.load(str(artifact / entry["dir"] / entry["graph"])).graph.node if n.op_type == "MatMulNBits"]
+    assert (entry.quantization["block_size"], entry.quantization["symmetric"]) == (64, True)
+    assert entry.validation["logits_cosine_min"] >= 0.99
+    nodes = [n for n in onnx.load(str(artifact / entry.dir / entry.graph)).graph.node if n.op_type == "MatMulNBits"]
     assert nodes and all(helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size")) == 64
                          for n in nodes)
     assert all(len(n.input) < 4 or not n.input[3] for n in nodes)  # symmetric: no zero points

@@ -14,8 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from idc_lite.cli.synth import synth
-from idc_lite.datasets import read_dataset, read_jsonl
-from idc_lite.synth import (
+from idc_lite.tools.datasets import read_dataset, read_jsonl
+from idc_lite.tools.synth import (
     CANVAS,
     CATEGORIES,
     GAP,

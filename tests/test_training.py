@@ -11,16 +11,16 @@ from safetensors.torch import load_file
 from conftest import MAX_NEW_TOKENS
 from idc_lite import Captioner, GenerationSettings
 from idc_lite.cli import main
-from idc_lite.datasets import read_jsonl
+from idc_lite.tools.datasets import read_jsonl
 from idc_lite.errors import IdcError
 from idc_lite.settings import CompositionSettings, ProcessorSettings
-from idc_lite.training import (CaptionBatcher, RecordSource, Trainer, TrainSettings, learning_rate_at,
+from idc_lite.tools.training import (CaptionBatcher, RecordSource, Trainer, TrainSettings, learning_rate_at,
                                validation_batches)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from idc_lite.synth import write_dataset
+    from idc_lite.tools.synth import write_dataset
 
     root = tmp_path_factory.mktemp("world")
     return write_dataset(root / "train", 12, split="train"), write_dataset(root / "val", 4, split="val")

@@ -26,54 +26,35 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifact import DECODER_INPUTS, DECODER_LOGITS, DecoderShape, Manifest, cache_numpy_dtype, past_names
 from ..errors import ArtifactError
 from ..settings import GenerationSettings, TokenSettings
 
 logger = logging.getLogger("idc_lite")
 
-#: Decoder name -> what its graph computes in: int4 weights with fp32 (CPU) or fp16 (CUDA) activations, or fp32.
-ORT_DECODERS = {"ort-int4": "int4", "ort-int4-fp16": "int4-fp16", "ort-fp32": "fp32"}
-
-#: Graph inputs and outputs (the per-layer cache names come from :func:`past_names`).
-INPUTS = ("inputs_embeds", "input_ids", "attention_mask", "beam_idx")
-LOGITS = "logits"
-
-
-def past_names(num_layers: int, prefix: str = "past") -> list[str]:
-    """``past.0.key, past.0.value, past.1.key, ...`` (``prefix="present"`` for the outputs)."""
-    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def cache_numpy_dtype(session) -> type:
-    """The numpy type of a decoder graph's KV cache: float16 for ``ort-int4-fp16``, else float32."""
-    kind = next(i.type for i in session.get_inputs() if i.name == "past.0.key")
-    return np.float16 if kind == "tensor(float16)" else np.float32
-
-
-def load_ort_decoder(directory: Path, entry: dict, device: str, providers: list[str] | None = None,
+def load_ort_decoder(manifest: Manifest, name: str, device: str, providers: list[str] | None = None,
                      threads: int | None = None) -> "OrtDecoder":
-    """Open an artifact's ONNX Runtime decoder (``entry`` is its manifest entry) on ``device``."""
-    from .lite import open_session
+    """Open the artifact's ONNX Runtime decoder ``name`` on ``device``."""
+    from .sessions import open_session
 
-    path = Path(directory) / entry["graph"]
-    return OrtDecoder(open_session(path, device, providers, threads), entry, path)
+    path = manifest.decoder_graph(name)
+    return OrtDecoder(open_session(path, device, providers, threads), manifest.decoders[name].shape, path)
 
 
 class OrtDecoder:
     """Generation with an ONNX Runtime decoder session; see the module docstring."""
 
-    def __init__(self, session, entry: dict, path: Path | None = None):
+    def __init__(self, session, shape: DecoderShape, path: Path | None = None):
         self.session = session
-        self.entry = entry
-        shape = entry["shape"]
-        self.num_layers, self.num_heads, self.head_dim = shape["layers"], shape["heads"], shape["head_dim"]
-        self.hidden_size, self.vocab_size = shape["hidden_size"], shape["vocab_size"]
+        self.shape = shape
+        self.num_layers, self.num_heads, self.head_dim = shape.layers, shape.heads, shape.head_dim
+        self.hidden_size, self.vocab_size = shape.hidden_size, shape.vocab_size
         self.past = past_names(self.num_layers)
         self.present = past_names(self.num_layers, "present")
         names = {i.name for i in session.get_inputs()}
-        missing = [n for n in (*INPUTS, *self.past) if n not in names]
+        missing = [n for n in (*DECODER_INPUTS, *self.past) if n not in names]
         if missing:
-            raise ArtifactError(path or entry.get("graph"), f"the decoder graph lacks inputs {', '.join(missing)}; "
+            raise ArtifactError(path or "decoder graph", f"the decoder graph lacks inputs {', '.join(missing)}; "
                                 "re-export the artifact with this version of idc-lite")
         self.cache_dtype = cache_numpy_dtype(session)
         provider = session.get_providers()[0]
@@ -111,7 +92,7 @@ class OrtDecoder:
             for name, pointer in zip(self.past, cache.past_pointers()):
                 binding.bind_input(name, self.device_type, self.device_id, self.cache_dtype,
                                    cache.shape(cache.rows, cache.length), pointer)
-        binding.bind_output(LOGITS, "cpu")
+        binding.bind_output(DECODER_LOGITS, "cpu")
         for name, pointer in zip(self.present, cache.present_pointers(rows, total_len)):
             binding.bind_output(name, self.device_type, self.device_id, self.cache_dtype,
                                 cache.shape(rows, total_len), pointer)

@@ -13,10 +13,11 @@ import numpy as np
 
 from ..adapters import apply_adapter, find_adapter
 from ..decoding import generate_kwargs, prefix_ids, token_settings
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from ..loading import check_blip2_dir, resolve_model_dir
 from ..runtime import quiet_libraries, resolve_device, resolve_dtype
 from ..settings import GenerationSettings, ProcessorSettings
+from ..tokenizer import load_tokenizer
 
 
 class ReferenceBackend:
@@ -45,7 +46,7 @@ class ReferenceBackend:
         try:
             net = Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=self.dtype, use_safetensors=True)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelError(model_dir, f"cannot load the model ({str(exc).strip().splitlines()[0]})") from None
+            raise ModelError(model_dir, f"cannot load the model ({first_line(exc)})") from None
         if adapter_source is not None:
             net = apply_adapter(net, adapter_source, self.model_id, merge=merge_adapter)
         self.net = net.to(self.device).eval()
@@ -64,13 +65,3 @@ class ReferenceBackend:
                 **generate_kwargs(settings, tokens),
             )
         return out[:, len(prefix):].tolist()
-
-
-def load_tokenizer(model_dir: Path):
-    """The model's tokenizer (never remote code)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ModelError(model_dir, f"cannot load the tokenizer ({str(exc).strip().splitlines()[0]})") from None

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ArtifactError
-
-#: Decoder names in a manifest -> storage precision.
-TORCH_DECODERS = {"bnb-int4": "int4", "torch-fp16": "fp16", "torch-fp32": "fp32"}
+from ..artifact import TORCH_DECODERS
+from ..errors import ArtifactError, first_line
 
 
 def load_torch_decoder(path: Path, name: str, device: str):
@@ -28,7 +26,7 @@ def load_torch_decoder(path: Path, name: str, device: str):
     try:
         decoder = OPTForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype, device_map={"": device})
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(path, f"cannot load the {name} decoder ({str(exc).strip().splitlines()[0]})") from None
+        raise ArtifactError(path, f"cannot load the {name} decoder ({first_line(exc)})") from None
     if precision == "int4":
         # The compute dtype saved with a pre-quantized checkpoint is the exporting machine's; set ours.
         import bitsandbytes as bnb

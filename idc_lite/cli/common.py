@@ -39,7 +39,7 @@ class ModelOptions:
 
     def captioner(self):
         """A :class:`idc_lite.Captioner` for these options (slow: loads the model)."""
-        from ..captioner import BACKENDS, Captioner
+        from ..captioner import Captioner
         from ..errors import IdcError
         from ..runtime import DTYPES
         from ..settings import CompositionSettings, GenerationSettings
@@ -49,18 +49,14 @@ class ModelOptions:
             generation = GenerationSettings(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, prompt=self.prompt)
         except ValueError as exc:
             raise IdcError(None, str(exc)) from None
-        if self.backend not in BACKENDS:
-            raise IdcError(None, f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise IdcError(None, f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise IdcError(None, f"--device must be auto, cpu or cuda[:N], not {self.device!r}")
-        lite = {k: v for k, v in (("decoder", self.decoder), ("threads", self.threads)) if v is not None}
-        if lite and self.backend == "reference":
-            raise IdcError(None, "--decoder and --threads apply to the lite backend only")
         return Captioner(
             self.model, self.adapter, device=self.device, dtype=self.dtype, backend=self.backend,
-            revision=self.revision, composition=composition, generation=generation, **lite,
+            revision=self.revision, composition=composition, generation=generation,
+            decoder=self.decoder, threads=self.threads,
         )
 
 

@@ -1,4 +1,4 @@
-"""``idc-lite eval DATA -m MODEL``: caption a dataset and score the captions (see :mod:`idc_lite.evaluate`).
+"""``idc-lite eval DATA -m MODEL``: caption a dataset and score the captions (see :mod:`idc_lite.tools.evaluate`).
 
 Prints the overall and per-category tables (x100), writes the report JSON and keeps the predictions
 in a JSONL file that a second run with the same paths resumes. Exit code 0 when every pair was
@@ -41,9 +41,9 @@ def eval_command(
 
     Run it again to resume: pairs already in the predictions file are not described again (failed ones are retried).
     """
-    from ..datasets import read_dataset
+    from ..tools.datasets import read_dataset
     from ..errors import InputError
-    from ..evaluate import format_tables, write_report
+    from ..tools.evaluate import format_tables, write_report
 
     records = read_dataset(data, fmt, image_dir=image_dir, split=split)  # a bad dataset fails before the model loads
     report_path, predictions_path = default_paths(data, output, predictions)
@@ -77,10 +77,10 @@ def default_paths(data: Path, output: Path | None, predictions: Path | None) -> 
 
 
 def _run(captioner, records, predictions_path: Path, batch_size: int, limit, meteor: bool, data: Path) -> dict:
-    """:func:`idc_lite.evaluate.evaluate` with a progress bar on a terminal; Ctrl-C keeps what is done."""
+    """:func:`idc_lite.tools.evaluate.evaluate` with a progress bar on a terminal; Ctrl-C keeps what is done."""
     from tqdm import tqdm
 
-    from ..evaluate import evaluate
+    from ..tools.evaluate import evaluate
 
     def progress(done: int, total: int) -> None:
         bar.total = total

@@ -1,4 +1,4 @@
-"""``idc-lite synth``: write a synthetic change-world dataset (see :mod:`idc_lite.synth`)."""
+"""``idc-lite synth``: write a synthetic change-world dataset (see :mod:`idc_lite.tools.synth`)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def synth(
 
     from tqdm import tqdm
 
-    from ..synth import SPLIT_IDS, write_dataset
+    from ..tools.synth import SPLIT_IDS, write_dataset
 
     if split not in SPLIT_IDS:
         raise typer.BadParameter(f"{split!r} is not one of {', '.join(SPLIT_IDS)}", param_hint="--split")

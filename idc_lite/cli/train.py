@@ -37,11 +37,11 @@ def train(
     import numpy as np
     from tqdm import tqdm
 
-    from ..datasets import read_dataset
+    from ..tools.datasets import read_dataset
     from ..errors import IdcError
     from ..loading import resolve_model_dir
     from ..settings import CompositionSettings, ProcessorSettings
-    from ..training import RecordSource, Trainer, TrainSettings, validation_batches
+    from ..tools.training import RecordSource, Trainer, TrainSettings, validation_batches
 
     try:
         settings = TrainSettings(mode="full" if full else "lora", rank=rank, lr=lr, batch_size=batch_size,

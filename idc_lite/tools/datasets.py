@@ -4,7 +4,7 @@ Training, evaluation and benchmarks read pairs through here and never parse a da
 each format's quirks (file naming, key spellings, id conventions) live in one place. Supported:
 
 ``jsonl``          idc-lite's own format (:func:`read_jsonl`, :func:`write_jsonl`); the synthetic
-                   change world (:mod:`idc_lite.synth`) writes it.
+                   change world (:mod:`idc_lite.tools.synth`) writes it.
 ``clevr-change``   CLEVR-Change (Park et al., 2019), :func:`read_clevr_change`.
 ``spot-the-diff``  Spot-the-Diff (Jhamtani & Berg-Kirkpatrick, 2018), :func:`read_spot_the_diff`.
 ``ier``            Image Editing Request (Tan et al., 2019), :func:`read_ier`.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 FORMATS = ("jsonl", "clevr-change", "spot-the-diff", "ier", "syned")
 

@@ -5,7 +5,7 @@ with random weights) and as the starting point of the demo model's training. The
 exactly the layout of a hub BLIP-2 model: ``config.json``, safetensors weights, tokenizer files,
 ``preprocessor_config.json`` and ``generation_config.json``.
 
-    python -m idc_lite.modelgen OUT_DIR            # a tiny BLIP-2 (captions are gibberish)
+    python -m idc_lite.tools.modelgen OUT_DIR            # a tiny BLIP-2 (captions are gibberish)
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def save_model(model, tokenizer, out_dir: str | Path, image_size: int) -> Path:
     """Save a model with its tokenizer and a BLIP-2 image processor of ``image_size`` pixels."""
     from transformers import Blip2Processor
 
-    from .runtime import quiet_libraries
-    from .settings import CLIP_MEAN, CLIP_STD
+    from ..runtime import quiet_libraries
+    from ..settings import CLIP_MEAN, CLIP_STD
 
     quiet_libraries()
 
@@ -158,7 +158,7 @@ def build_tiny_model(
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m idc_lite.modelgen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m idc_lite.tools.modelgen", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

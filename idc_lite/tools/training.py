@@ -30,8 +30,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .adapters import BLIP2IDC_TARGET_MODULES
-from .errors import IdcError
+from ..adapters import BLIP2IDC_TARGET_MODULES
+from ..errors import IdcError
 
 logger = logging.getLogger("idc_lite")
 
@@ -105,7 +105,7 @@ class RecordSource:
         self.seed, self.shuffle = seed, shuffle
 
     def examples(self, start: int, stop: int) -> tuple[np.ndarray, list[str]]:
-        from .compose import compose_pair
+        from ..compose import compose_pair
 
         n = len(self.records)
         pixels, captions = [], []
@@ -174,10 +174,10 @@ class Trainer:
         import torch
         from transformers import Blip2ForConditionalGeneration
 
-        from .backends.reference import load_tokenizer
-        from .decoding import token_settings
-        from .loading import check_blip2_dir
-        from .runtime import quiet_libraries
+        from ..tokenizer import load_tokenizer
+        from ..decoding import token_settings
+        from ..loading import check_blip2_dir
+        from ..runtime import quiet_libraries
 
         quiet_libraries()
         self.model_dir, self.out, self.settings, self.train, self.val = Path(model_dir), Path(out), settings, train, val
@@ -310,7 +310,7 @@ class Trainer:
             config["base_model_name_or_path"] = str(self.model_dir)
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         else:
-            from .settings import ProcessorSettings
+            from ..settings import ProcessorSettings
 
             save_model(self.net, self.tokenizer, tmp, ProcessorSettings.from_model_dir(self.model_dir).height)
         shutil.rmtree(self.out / "best", ignore_errors=True)

@@ -32,15 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapters import BLIP2IDC_TARGET_MODULES
-from .errors import ModelError
+from ..adapters import BLIP2IDC_TARGET_MODULES
+from ..errors import ModelError
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import Blip2Config
 
+#: BLIP-2 configs shipped with idc-lite, by file stem (``blip2-opt-2.7b``).
+CONFIG_DIR = Path(__file__).parent / "configs"
 #: The config.json of the hub model Salesforce/blip2-opt-2.7b, the base of every BLIP2IDC adapter.
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "blip2-opt-2.7b.json"
+DEFAULT_CONFIG = CONFIG_DIR / "blip2-opt-2.7b.json"
 
 
 LORA_RANKS = (8, 16, 32)
@@ -106,14 +108,26 @@ class LoraTarget:
         return r * (self.in_features + self.out_features)
 
 
+def config_path(name: str | Path) -> Path:
+    """A config.json path, the folder holding one, or a shipped config's name (``blip2-opt-2.7b``)."""
+    path = Path(name)
+    if path.exists():
+        return path / "config.json" if path.is_dir() else path
+    shipped = CONFIG_DIR / f"{path.name}.json"
+    if path.name == str(name) and shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+    raise ModelError(path, f"no such file, nor a shipped config name (shipped: {known}); "
+                     "give a BLIP-2 config.json or the folder holding one")
+
+
 def load_config(config: Blip2Config | str | Path) -> Blip2Config:
-    """A ``Blip2Config`` from itself, a config.json file or the folder holding one."""
+    """A ``Blip2Config`` from itself, a config.json file, the folder holding one or a shipped config's name."""
     from transformers import Blip2Config
 
     if isinstance(config, Blip2Config):
         return config
-    path = Path(config)
-    file = path / "config.json" if path.is_dir() else path
+    file = config_path(config)
     if not file.is_file():
         raise ModelError(file, "no such file: give a BLIP-2 config.json or the folder holding it")
     try:
@@ -324,7 +338,9 @@ def _model_name(config: Blip2Config | str | Path, cfg: Blip2Config) -> str:
     """What the table is about: the config file's stem, its folder's name, or the config's name."""
     if isinstance(config, (str, Path)):
         path = Path(config)
-        return path.name if path.is_dir() else path.stem
+        if path.is_dir():
+            return path.name
+        return path.name.removesuffix(".json") if path.exists() else str(config)
     return cfg.name_or_path or "BLIP-2"
 
 

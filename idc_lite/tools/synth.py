@@ -274,7 +274,7 @@ def write_dataset(
     """Write pairs 0..n-1 of ``split`` as an idc-lite JSONL dataset; returns the JSONL path.
 
     Layout: ``out_dir/images/<id>_before.png``, ``<id>_after.png`` and ``out_dir/<split>.jsonl``
-    (:func:`idc_lite.datasets.write_jsonl`), ids ``<split>-000042``. ``progress(done, total)`` is
+    (:func:`idc_lite.tools.datasets.write_jsonl`), ids ``<split>-000042``. ``progress(done, total)`` is
     called after each pair. Existing files of the same names are overwritten.
     """
     if n < 0:

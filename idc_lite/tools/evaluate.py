@@ -7,7 +7,7 @@ This is what ``idc-lite eval`` runs, as a function that benchmarks and notebooks
   again. A file holding another model's predictions is refused, so two models never mix in one score.
 - A pair that cannot be described (an unreadable image) is recorded with its error, left out of the
   scores and listed in the report. It is tried again on the next run, after the image is fixed.
-- Scores are the COCO caption toolkit's (:mod:`idc_lite.metrics`): overall, and per change category
+- Scores are the COCO caption toolkit's (:mod:`idc_lite.tools.metrics`): overall, and per change category
   laid out like BLIP2IDC's Table 5 (rows = categories; columns BLEU-4, METEOR, ROUGE-L, CIDEr).
   The report keeps the raw numbers on the toolkit's scale and the x100 numbers papers print.
 """
@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .datasets import PairRecord
-from .errors import DatasetError, InputError
+from ..errors import DatasetError, InputError
 from .metrics import CIDER_DF_NOTE_KEY, OVERALL, Scores, score_by_category
-from .results_io import ResultsFile
+from ..results_io import ResultsFile
 
 logger = logging.getLogger("idc_lite")
 

@@ -8,7 +8,7 @@ BLEU, ROUGE-L, CIDEr-D and the tokenizer are pure Python. METEOR runs pycocoeval
 ``meteor-1.5.jar`` on Java; without pycocoevalcap or ``java`` it is reported as unavailable
 (``None`` plus a reason), never approximated.
 
-    from idc_lite.metrics import score
+    from idc_lite.tools.metrics import score
     score({"0": "a red car is gone"}, {"0": ["The red car is missing.", "the car left"]})
 """
 
