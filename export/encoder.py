@@ -7,19 +7,16 @@ axis is dynamic. The export is checked against torch on several inputs, as optim
 Precisions: ``fp32``; ``fp16`` (weights and compute, inputs and outputs kept fp32: for CUDA);
 ``int8``, for CPUs: ONNX Runtime's dynamic quantization of every MatMul with a weight (int8 weights
 per output channel, activations quantized to uint8 per tensor at run time, MatMulInteger), the
-patch convolution, norms and attention products left in fp32. Measured on ViT-g widths (a quarter
-of the depth, 2-core AMD EPYC with VNNI): 0.36 GiB resident after load against 1.11 for fp32, 119 ms
-against 333 per image; on the demo model, query-embedding cosine similarity to fp32 0.9994 at worst
-on the example pairs, 0.992 on noise. CPUs without VNNI may saturate int8 products (ONNX Runtime's
-note); the validation below runs on the exporting machine.
+patch convolution, norms and attention products left in fp32: less resident memory than fp32 and
+faster per image on a CPU with VNNI, at a small cost in accuracy (``docs/design.md``, "The
+encoder's precisions"). CPUs without VNNI may saturate int8 products (ONNX Runtime's note); the
+validation below runs on the exporting machine.
 
 ``int4``, for GPUs: the fp16 graph with every MatMul / Gemm weight as ONNX Runtime's MatMulNBits
 (int4 blocks of 32 along K, asymmetric, fp16 scales; activations stay fp16): a quarter of fp16's
-weight memory, which is what the GPU memory target needs (the fp16 ViT-g alone is 2 GB, a quarter
-of the fp16 reference's whole footprint). On the demo model: query-embedding cosine similarity 0.988
-at worst on noise, CIDEr 135.52 on the 1,080 test pairs (fp32 encoder 134.20, README), 85.7% of the
-captions identical to the fp32 encoder's. The CPU runs it too (its validation does), slowly: fp16 is
-not a CPU format.
+weight memory, which is what the GPU memory target needs (the fp16 ViT-g alone is a quarter of the
+fp16 reference's whole footprint). Its accuracy on the demo model: ``docs/design.md``. The CPU runs
+it too (its validation does), slowly: fp16 is not a CPU format.
 """
 
 from __future__ import annotations
@@ -48,9 +45,8 @@ PRECISIONS = (*TOLERANCES, *MIN_COSINE)
 #: Graphs whose weights exceed this cannot go through in-memory shape inference (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 1 << 30
 #: Weights are always saved in an external-data file beside the graph (``encoder.onnx.data``): ONNX
-#: Runtime maps it on CPUs instead of copying the weights out of a parsed protobuf. Measured on the
-#: ViT-g widths' int8 encoder (quarter depth, 2-core AMD EPYC): 0.11 GiB resident after loading
-#: instead of 0.36, peak over a first run 0.20 GiB instead of 0.43; and protobuf caps inline graphs at 2 GB.
+#: Runtime maps it on CPUs instead of copying the weights out of a parsed protobuf, which keeps less
+#: resident (``docs/design.md``, "Weights in external-data files"); and protobuf caps inline graphs at 2 GB.
 
 
 class QueryEncoder(torch.nn.Module):

@@ -2,9 +2,8 @@
 ``ort-int4-fp16``).
 
 **Graph.** One graph serves the prefill and every decode step; the prefill simply passes a cache
-of length 0. Two graphs (prefill, decode) would store the weights twice, or need two graphs sharing
-one external-data file, for no gain: the prefill runs once per caption and an empty cache costs
-nothing. Inputs and outputs (``B`` rows, ``P`` cached positions)::
+of length 0 (two graphs would store the weights twice for no gain). Inputs and outputs (``B`` rows,
+``P`` cached positions; the names are the contract's, :mod:`idc_lite.artifact`)::
 
     inputs_embeds   (B, E, hidden) float32  embeddings placed first: the query embeddings (E = 0 when decoding)
     input_ids       (B, T) int64            tokens after them, embedded by the graph's own table
@@ -27,37 +26,18 @@ no side file to embed the prefix and the generated tokens.
 
 **Quantization** (``ort-int4``): ONNX Runtime's ``MatMulNBitsQuantizer`` (round to nearest, block-wise
 along K) on every MatMul of the layers (q, k, v, out, fc1, fc2: exported as MatMul + Add on stored
-transposes, :class:`MatMulLinear`, so that no Gemm needs rewriting; any Gemm left is). The embedding
-table / LM head stays in floating point. Choices, by measurement (2-core AMD EPYC with AVX-512 VNNI, ONNX
-Runtime 1.31, 2 threads):
-
-- block size and symmetry. Speed at OPT-2.7B shapes: eight 2560x10240 / 10240x2560 MatMuls in a
-  chain (too big for the CPU caches), batch 1, accuracy_level 4, as speed-ups over the same chain in
-  fp32, one run: block 16 2.5x, 32 4.3-4.6x, 64 4.6-5.0x, 128 5.0-5.2x. Error: relative output error of one 2560x10240
-  MatMul with Gaussian weights, asymmetric / symmetric: block 32 0.081 / 0.086, 64 0.091 / 0.095,
-  128 0.102 / 0.104. On the tiny test model (hidden 64, 2 layers, with the test adapter merged),
-  min next-token logits cosine to fp32 torch over 16 pairs, asymmetric / symmetric: block 16
-  0.99988 / 0.99988, 32 0.99981 / 0.99981, 64 0.99976 / 0.99969, 128 0.99975 / 0.99971 (greedy
-  captions identical to torch fp32: 69-94%, noisy at 16 captions and no trend). Chosen: **block 32,
-  asymmetric**: block 16 is twice as slow, and block 32 is more accurate than 64 or 128 for at most
-  ~10% more time; asymmetric is never worse.
-- ``accuracy_level`` (MatMulNBits' compute type: 0 unset = fp32 on CPU, 1 fp32, 2 fp16, 3 bf16,
-  4 int8): the chain above is 1.8x faster than fp32 at level 0 or 1 and 4.6x at level 4 (activations
-  quantized to int8 per block, VNNI dot products); tiny-model cosine 0.99980 at levels 0 and 1,
-  0.99981 at 4. Chosen: **4**. It is a node attribute, fixed at export; CUDA ignores it.
-- embedding table / LM head, fp16 or fp32. A 2560x50272 LM head runs as fast in fp16 as in fp32
-  on this CPU (1.03x; fp16 is converted on the fly; on CUDA it halves the traffic); the tiny-model
-  cosine is the same with either (0.99981 at block 32), and 0.99999999 for the unquantized graph
-  with an fp16 table. Chosen: **fp16** for ``ort-int4`` (257 MB instead of 515 MB at 2.7B), fp32
-  for ``ort-fp32``. An int8 / int4 head would be 4.4x / 5.3x faster but add 0.8% / 8% relative error
-  to every logit, where the argmax is decided.
+transposes, :class:`MatMulLinear`, so that no Gemm needs rewriting; any Gemm left is). Defaults,
+each chosen by measurement (``docs/design.md``, "int4 quantization of the decoder"): blocks of 32,
+asymmetric (:data:`DEFAULT_BLOCK_SIZE`, :data:`DEFAULT_SYMMETRIC`; block 16 is much slower, larger
+blocks less accurate); ``accuracy_level`` 4, int8 activations on CPU (a node attribute fixed at
+export; CUDA ignores it); the embedding table / LM head in fp16 for the int4 decoders
+(:data:`TABLE_PRECISION`: as fast as fp32 on a CPU, half the traffic on CUDA, no loss of accuracy,
+where an int8 or int4 head would add error to every logit).
 
 ``ort-int4-fp16`` (for CUDA) is the same graph converted to fp16 before quantization (ONNX Runtime's
 ``float16`` converter): weights, activations and the KV cache inputs and outputs in fp16, only
 ``inputs_embeds`` and ``logits`` kept fp32 (:data:`FP32_IO`). Half the cache memory, and fp16
-``MatMulNBits`` kernels on CUDA; on the CPU fp16 is converted to fp32, no faster. Demo model: 97.0% of
-its captions are ``ort-int4``'s on the CPU, CIDEr 134.97 against 134.20 (README); OPT-2.7B shapes on an
-H200: README "Benchmarks".
+``MatMulNBits`` kernels on CUDA; on the CPU fp16 is converted to fp32, no faster.
 
 The runtime overwrites a layer's past while the step runs (``KVCache``): the export checks that each
 past input is read by its layer's ``beam_idx`` Gather alone (:func:`check_past_reads`).
@@ -110,8 +90,7 @@ class MatMulLinear(torch.nn.Module):
     torch.onnx exports it as MatMul (+ Add) on a (in, out) initializer, the layout ``MatMulNBits``
     quantizes. An ``nn.Linear`` on 2-D inputs (OPT's fc1 and fc2) becomes a Gemm instead, and
     rewriting those as MatMul meant copying every weight into an in-memory protobuf first: that was
-    the export's host-memory peak (12.2 GiB at a quarter of OPT-2.7B's depth; 8.5 with this class and
-    the graph saved from the exporter's IR; 7.0 once torch's weights go before the checks, below).
+    the export's host-memory peak (``docs/design.md``, "Export memory").
     """
 
     def __init__(self, linear: torch.nn.Linear):
@@ -272,9 +251,8 @@ def _export_graph(module: CachedDecoder, path: Path) -> None:
 
 def _save(model, path: Path) -> None:
     """Save with the weights in ``<graph>.data``, always: ONNX Runtime maps that file on CPUs instead of
-    copying the weights out of a parsed protobuf. Measured on the OPT-2.7B widths' int4 decoder (quarter
-    depth, 683 MB, 2-core AMD EPYC): session load 1.0 s instead of 3.3, 1.06 GiB resident instead of
-    1.49, peak 1.54 GiB instead of 1.97. (Protobuf also caps inline graphs at 2 GB.)"""
+    copying the weights out of a parsed protobuf, a faster load and less memory (``docs/design.md``,
+    "Weights in external-data files"). Protobuf also caps inline graphs at 2 GB."""
     import onnx
 
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
