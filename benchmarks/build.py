@@ -27,8 +27,12 @@ images (cosine 0.5 on the tiny model) where a trained model does not (0.992 on t
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import sys
 from pathlib import Path
+
+logger = logging.getLogger("benchmarks")
 
 #: Decoder Linear weights: one sign per this many input features (bitsandbytes' NF4 block).
 SIGN_BLOCK = 64
@@ -54,12 +58,15 @@ def build_model(config_path: Path | None, out: Path, seed: int = 0, depth_scale:
     # transformers' initialisation of 3.7 B fp16 parameters takes minutes on a CPU, seconds on a GPU
     # (the values then differ from a CPU build's; speed and memory do not depend on them).
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    logger.info("initialising random fp16 weights on %s", device)
     with torch.device(device):
         net = Blip2ForConditionalGeneration._from_config(config, dtype=torch.float16).eval()
     net = net.to("cpu")
     fill_zero_weights(net, config.initializer_range, torch.Generator().manual_seed(seed + 1))
     std = getattr(config.text_config, "init_std", config.initializer_range)
+    logger.info("putting the decoder's weights on every int4 grid")
     grid_decoder_weights(net.language_model, std, torch.Generator().manual_seed(seed))
+    logger.info("saving the model to %s", out)
     return save_model(net, tokenizer, out, config.vision_config.image_size)
 
 
@@ -152,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depth-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # The stage's progress (the export's and this module's loggers) goes to the stage's log, and from
+    # there to the runner's console; set up before ONNX Runtime's quantizer calls basicConfig itself.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     from idc_lite.runtime import quiet_libraries
 

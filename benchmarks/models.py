@@ -170,9 +170,12 @@ def _build(root: Path, model: Path, artifact: Path, label: str, config, decoders
     root.mkdir(parents=True, exist_ok=True)
 
     def stage(name: str, key: str, args: list) -> None:
-        run = run_child("benchmarks.build", [name, *args], logs / f"build-{key}.log")
+        log = logs / f"build-{key}.log"
+        logger.info("building the random %s for %s (once; cached in %s, log %s)", key, label, root, log)
+        run = run_child("benchmarks.build", [name, *args], log, echo=f"  [{key}] ")
         if not run.ok:
             raise IdcError(root, f"building the random model failed at stage {key!r}: {run.why()}")
+        logger.info("built the random %s in %.0f s", key, run.wall_s)
         record[key] = {"wall_s": round(run.wall_s, 2), "peak_rss_bytes": run.peak_rss_bytes}
         record_path.write_text(json.dumps(record, indent=1), encoding="utf-8")
 

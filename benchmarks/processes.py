@@ -60,15 +60,28 @@ class ChildRun:
         return f"{how}; last log line: {lines[-1].strip() if lines else '(empty)'}; full log: {self.log}"
 
 
-def run_child(module: str, args: list, log: Path) -> ChildRun:
-    """Run ``python -m module *args`` with its output in ``log``; wait and return how it went."""
+def run_child(module: str, args: list, log: Path, echo: str | None = None) -> ChildRun:
+    """Run ``python -m module *args`` with its output in ``log``; wait and return how it went.
+
+    With ``echo``, each line of the child's output is also printed on stderr behind that prefix, as
+    it comes: a long build shows its stages instead of minutes of silence.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     peak_file = log.with_name(log.name + ".peak.json")
     peak_file.unlink(missing_ok=True)
     started = time.perf_counter()
+    command = [sys.executable, "-m", __name__, str(peak_file), module, *map(str, args)]
     with open(log, "w", encoding="utf-8") as sink:
-        command = [sys.executable, "-m", __name__, str(peak_file), module, *map(str, args)]
-        returncode = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, check=False).returncode
+        if echo is None:
+            returncode = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, check=False).returncode
+        else:
+            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  errors="replace", bufsize=1) as child:
+                for line in child.stdout:
+                    sink.write(line)
+                    sink.flush()
+                    print(f"{echo}{line.rstrip()}", file=sys.stderr, flush=True)
+                returncode = child.wait()
     wall_s = time.perf_counter() - started
     peak = json.loads(peak_file.read_text(encoding="utf-8"))["peak_rss_bytes"] if peak_file.is_file() else None
     peak_file.unlink(missing_ok=True)
