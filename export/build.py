@@ -29,7 +29,7 @@ from idc_lite import __version__
 from idc_lite.adapters import adapter_summary, find_adapter
 from idc_lite.artifact import DECODERS, ORT_DECODERS, TORCH_DECODERS, write_manifest
 from idc_lite.tokenizer import load_tokenizer
-from idc_lite.errors import first_line
+from idc_lite.errors import first_line, require
 from idc_lite.decoding import prefix_ids, token_settings
 from idc_lite.loading import check_blip2_dir, resolve_model_dir
 from idc_lite.tools.memory import count_parameters, load_config, meta_model
@@ -45,6 +45,12 @@ logger = logging.getLogger("export")
 
 #: The decoders a ``decoder_precision`` builds when no decoder names are given.
 DECODERS_BY_PRECISION = {"int4": ("bnb-int4", "ort-int4"), "fp16": ("torch-fp16",), "fp32": ("torch-fp32",)}
+
+
+def require_export_extra() -> None:
+    """One line naming the extra when what building an artifact needs is not installed."""
+    for module in ("torch", "transformers", "onnx", "onnxscript"):
+        require(module, "building an artifact", "export")
 
 
 def decoder_names(decoder_precision: str | None = None, decoders=None) -> tuple[str, ...]:
@@ -80,6 +86,7 @@ def build_artifact(
     ``ort_block_size`` and ``ort_symmetric`` set the int4 ONNX Runtime decoders' quantization
     (default: blocks of 32, asymmetric; ``export/ort_decoder.py``).
     """
+    require_export_extra()
     names = decoder_names(decoder_precision, decoders)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
@@ -178,10 +185,10 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
 
 
 #: Encoders with more parameters than this are exported in a process of their own (spawned): what the
-#: encoder's export and quantization leave allocated then goes back to the system before the decoders
-#: load. At a quarter of ViT-g's depth the process held 2.5 GiB more after the encoder stage, which
-#: ``gc.collect`` did not free; at full depth that would sit under the fp32 language model's export
-#: (OPT-2.7B: 10.6 GB). Small encoders stay in-process: a spawned Python with torch costs seconds.
+#: encoder's export and quantization leave allocated, which ``gc.collect`` does not free, then goes
+#: back to the system before the decoders load, instead of sitting under the fp32 language model's
+#: export (``docs/design.md``, "Export memory"). Small encoders stay in-process: a spawned Python with
+#: torch costs seconds.
 ENCODER_CHILD_PARAMETERS = 50_000_000
 
 

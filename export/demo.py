@@ -34,7 +34,7 @@ from idc_lite.settings import CompositionSettings, ProcessorSettings
 logger = logging.getLogger("export")
 
 IMAGE_SIZE = 160
-#: Sizes chosen to train on 2 CPU cores in about an hour (see README "Embedded default model").
+#: Sizes chosen to train on 2 CPU cores in about an hour (``docs/model-card.md``).
 VISION = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=3,
               image_size=IMAGE_SIZE, patch_size=16)
 QFORMER = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=2, num_attention_heads=3,
@@ -147,28 +147,23 @@ def build_base(out: Path, seed: int) -> Path:
     return save_model(Blip2ForConditionalGeneration(config), tokenizer, out, IMAGE_SIZE)
 
 
-#: Why stage 1 replays language: a first recipe trained every weight on scene captions only; its
-#: decoder then knew no change-caption language, and LoRA on q/k/v alone could not teach it
-#: (validation loss 4.3 after 150 LoRA steps at the best learning rate). A decoder that knows the
-#: language reaches 1.0 in the same 150 steps: like OPT, it already speaks it, and LoRA only has to
-#: connect it to what changed. Two other ways to get there failed: pre-training the decoder on the
-#: captions and then freezing it in stage 1, as BLIP-2 does (scene-caption validation loss stalled
-#: at 0.64), or fine-tuning it with the vision side (stalled at 0.78, the captions' prior: the
-#: pre-trained decoder never learnt to look at the image). Replay from scratch learns both at once.
+#: Why stage 1 replays language: with a decoder trained on scene captions only, LoRA on q/k/v could
+#: not teach it the change captions' language; a decoder that knows the language only has to be
+#: connected to what changed, as OPT is. Pre-training the decoder on the captions and then freezing
+#: it (as BLIP-2 does), or fine-tuning it with the vision side, both stalled; replay from scratch
+#: learns both at once. The losses behind this: ``docs/model-card.md``.
 #: Share of stage 1's examples that are language replay (see :class:`SceneSource`).
 REPLAY = 0.25
 #: Stage settings. Stage 1 trains from scratch, so it uses a from-scratch learning rate.
 #: Stage 2's learning rate is not seed Table 3's 1e-4 (for rank 32): that rate is for a 3.7 B model
-#: with a pre-trained vision side, trained for epochs on a GPU. A probe of 150 LoRA steps on a short
-#: stage 1 gave validation losses 1.48 at 1e-4, 1.00 at 5e-4 and 0.99-1.01 at 2e-3 (plateauing
-#: from step 100); 1e-3 for a 4000-step run.
+#: with a pre-trained vision side, trained for epochs on a GPU; a short probe of learning rates
+#: (``docs/model-card.md``) chose 1e-3 for a 4000-step run.
 STAGE1 = dict(mode="full", lr=5e-4, batch_size=32, max_steps=5000, val_every=250, patience=4, warmup_steps=100)
-#: Why stage 1b: after stage 1 alone, LoRA (constant 1e-3, best validation loss 0.84 at step 1250)
-#: gave CIDEr 70 on 270 test pairs, and its captions confused `add` with `remove` and never said
+#: Why stage 1b: after stage 1 alone, LoRA's captions confused `add` with `remove` and never said
 #: "nothing changed": the vision side had only seen single scenes at full height, never two
-#: squeezed into one square input. Stage 1b continues stage 1 with half of its examples stacked.
-#: With it (and a cosine stage 2): CIDEr 130 on the same pairs, `add` 32 -> 91; but the model still
-#: never says "nothing changed" nor "was added" (README, "How well it describes changes").
+#: squeezed into one square input. Stage 1b continues stage 1 with half of its examples stacked,
+#: which raised CIDEr on a probe a long way; the model still never says "nothing changed" nor "was
+#: added" (``docs/model-card.md``, "What it gets wrong").
 STAGE1B = dict(mode="full", lr=2e-4, batch_size=32, max_steps=2000, val_every=250, patience=4, warmup_steps=50,
                schedule="cosine", max_caption_tokens=80)
 STACKED = 0.5
@@ -212,7 +207,9 @@ def build_demo(out: Path, seed: int = 0, artifact: Path | None = None) -> Path:
     """Run every stage of the recipe into ``out``; returns the artifact directory."""
     from idc_lite.settings import ProcessorSettings
 
-    from .build import build_artifact
+    from .build import build_artifact, require_export_extra
+
+    require_export_extra()
 
     base = out / "base"
     if not (base / "config.json").is_file():

@@ -34,11 +34,14 @@ def train(
 
     Running the same command again resumes from OUT/checkpoint.
     """
+    from ..errors import IdcError, require
+
+    for module in ("torch", "transformers", "peft"):
+        require(module, "idc-lite train", "train")
     import numpy as np
     from tqdm import tqdm
 
     from ..tools.datasets import read_dataset
-    from ..errors import IdcError
     from ..loading import resolve_model_dir
     from ..settings import CompositionSettings, ProcessorSettings
     from ..tools.training import RecordSource, Trainer, TrainSettings, validation_batches
