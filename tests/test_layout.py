@@ -18,8 +18,13 @@ except ImportError:  # Python 3.10
 from idc_lite.errors import ArtifactError, MissingExtraError, OptionError, first_line
 
 ROOT = Path(__file__).resolve().parent.parent
+#: What a device imports: idc_lite less its tools, its command line and its ``python -m`` entry point.
 RUNTIME = [p for p in (ROOT / "idc_lite").rglob("*.py")
-           if not {"tools", "cli"} & set(p.relative_to(ROOT / "idc_lite").parts)]
+           if not {"tools", "cli", "__main__.py"} & set(p.relative_to(ROOT / "idc_lite").parts)]
+
+
+def _within(name: str, *packages: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
 
 
 def _imports(path: Path) -> set[str]:
@@ -42,14 +47,13 @@ def _imports(path: Path) -> set[str]:
 def test_the_runtime_never_imports_the_tools_the_cli_export_or_benchmarks():
     assert len(RUNTIME) > 15
     for path in RUNTIME:
-        bad = sorted(n for n in _imports(path)
-                     if n.startswith(("idc_lite.tools", "idc_lite.cli", "export", "benchmarks")))
+        bad = sorted(n for n in _imports(path) if _within(n, "idc_lite.tools", "idc_lite.cli", "export", "benchmarks"))
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
 def test_export_and_benchmarks_use_the_contract_not_the_backends():
     for path in [*(ROOT / "export").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
-        bad = sorted(n for n in _imports(path) if n.startswith("idc_lite.backends"))
+        bad = sorted(n for n in _imports(path) if _within(n, "idc_lite.backends"))
         assert not bad, f"{path.relative_to(ROOT)} reaches into {bad}"
 
 
@@ -148,3 +152,14 @@ def test_bnb_int4_refuses_widths_bitsandbytes_cannot_pack_before_any_export(tmp_
     with pytest.raises(ExportError, match=r"bnb-int4 needs layer widths that are multiples of 32.*40.*ort-int4"):
         build_artifact(str(model), tmp_path / "artifact", decoders=("bnb-int4",))
     assert not (tmp_path / "artifact").exists() and not (tmp_path / "artifact.partial").exists()
+
+
+def test_a_benchmark_child_shows_its_progress_as_it_runs(tmp_path, capfd):
+    from benchmarks.processes import run_child
+
+    run = run_child("calendar", ["2026", "11"], tmp_path / "child.log", echo="  [cal] ")
+    err = capfd.readouterr().err.splitlines()
+    assert run.ok and run.peak_rss_bytes > 0
+    assert any(line.startswith("  [cal] ") and "November 2026" in line for line in err)
+    logged = (tmp_path / "child.log").read_text(encoding="utf-8").splitlines()
+    assert [f"  [cal] {line}".rstrip() for line in logged] == err

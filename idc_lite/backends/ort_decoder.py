@@ -237,12 +237,10 @@ class KVCache:
     A step allocates nothing unless a slot it writes is too small; that slot is then replaced by one
     :data:`GROWTH` positions longer than the step needs (the old one is kept until the step has read
     it). Letting ONNX Runtime allocate each step's cache instead, one position longer than the one it
-    frees, left its arena unable to reuse the freed blocks, and it grew by more than the cache itself
-    (OPT-2.7B widths at a quarter of the depth, batch 32, on a CPU: 1.07 GiB resident after loading,
-    1.60 after the prefill, 2.37 after 20 tokens). Device buffers are ORT values; host ones are numpy
-    arrays over anonymous maps of their own, so that a finished generation gives its cache back to the
-    system (same model and machine: 1.76 GiB resident after a batch of 32 instead of 2.06 with numpy's
-    heap arrays, whose freed pages glibc kept), and pages never written are never resident.
+    frees, left its arena unable to reuse the freed blocks, and it grew by more than the cache itself.
+    Device buffers are ORT values; host ones are numpy arrays over anonymous maps of their own, so that
+    a finished generation gives its cache back to the system (glibc keeps the freed pages of heap
+    arrays), and pages never written are never resident. The measurements: ``docs/design.md``.
     """
 
     #: Positions a (re)allocated slot holds beyond what the step that needed it writes.
