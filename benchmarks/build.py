@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # The stage's progress (the export's and this module's loggers) goes to the stage's log, and from
     # there to the runner's console; set up before ONNX Runtime's quantizer calls basicConfig itself.
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    for name in ("export", "idc_lite", "benchmarks"):  # not the exporters' own INFO chatter
+        logging.getLogger(name).setLevel(logging.INFO)
 
     from idc_lite.runtime import quiet_libraries
 
