@@ -51,8 +51,21 @@ def batch_value(backend: dict, batch_size: int, metric: str) -> float | None:
     return value["median"] if isinstance(value, dict) else value
 
 
+def floor_violations(backends: dict[str, dict], bandwidth_gbps: float | None) -> list[dict]:
+    """CPU backends whose batch-1 decode beat their bandwidth floor: then the floor is no floor, and the
+    run's decode-to-floor figures mean nothing (a sanity check of the measurement, not of the backends)."""
+    rows = []
+    for name, backend in backends.items():
+        if backend.get("backend", {}).get("device") != "cpu":
+            continue
+        floor, measured = floor_ms(backend, bandwidth_gbps), batch_value(backend, 1, "decoder_ms_per_token")
+        if floor and measured is not None and measured < floor:
+            rows.append({"backend": name, "measured_ms": measured, "floor_ms": floor, "ratio": measured / floor})
+    return rows
+
+
 def floor_ms(backend: dict, bandwidth_gbps: float | None) -> float | None:
-    """The decoder's memory-bandwidth floor per decode step: its weight bytes / the measured bandwidth."""
+    """The decoder's memory-bandwidth floor per decode step: its weight bytes / the measured read bandwidth."""
     from .decoder_speed import bandwidth_floor_ms
 
     if not bandwidth_gbps or not backend.get("decoder_bytes"):
