@@ -143,7 +143,7 @@ parity() {
             --decoder ort-int4 --no-meteor -o "$WORK/parity/$run.json" >"$WORK/parity/$run.log" 2>&1 \
             || { cat "$WORK/parity/$run.log" >>"$LOG"; return 1; }
     done
-    "$PYTHON" - "$WORK/parity" "$DEVICE" "$OUT/demo-parity-cuda-$GPU.json" <<'EOF' 2>&1 | tee -a "$LOG"
+    "$PYTHON" - "$WORK/parity" "$DEVICE" "$OUT/demo-ort-int4-parity-cuda-$GPU.json" <<'EOF' 2>&1 | tee -a "$LOG"
 import json
 import sys
 from pathlib import Path
