@@ -65,7 +65,8 @@ import logging
 import sys
 
 from benchmarks.__main__ import parser
-from benchmarks.models import DEFAULT_DECODERS, config_path, random_subject
+from benchmarks.models import DEFAULT_DECODERS, random_subject
+from idc_lite.tools.memory import config_path
 
 args = parser().parse_args(sys.argv[1:])
 if not (args.config or args.tiny):
