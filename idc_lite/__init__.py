@@ -17,6 +17,7 @@ _LAZY = {
     "CompositionSettings": "settings",
     "GenerationSettings": "settings",
     "ProcessorSettings": "settings",
+    "ImageLimits": "settings",
     "compose_pair": "compose",
     "load_image": "compose",
     "IdcError": "errors",

@@ -2,7 +2,8 @@
 
 The released BLIP2IDC adapters are legacy PEFT checkpoints: ``adapter_config.json`` plus a pickled
 ``adapter_model.bin``. Pickles can run code when loaded, so they are read with
-``torch.load(weights_only=True)`` only, which accepts plain tensors and refuses anything else;
+``torch.load(weights_only=True)`` only, which accepts plain tensors and refuses anything else, and
+only with a torch in which that mode has no known bypass (:data:`MIN_TORCH_WEIGHTS_ONLY`);
 :func:`convert_legacy_adapter` turns one into the safetensors layout once and for all.
 """
 
@@ -24,6 +25,10 @@ BLIP2IDC_TARGET_MODULES: tuple[str, ...] = (
     *(f"qformer.encoder.layer.{i}.crossattention.attention.query" for i in range(12)),
     "value", "key", "qkv", "q_proj", "k_proj", "v_proj",
 )
+
+#: The oldest torch whose ``torch.load(weights_only=True)`` has no known way to run code: up to
+#: 2.5.1 a crafted file could (CVE-2025-32434).
+MIN_TORCH_WEIGHTS_ONLY = (2, 6)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -82,6 +87,7 @@ def load_adapter_weights(source: AdapterSource) -> dict:
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise AdapterError(source.weights, f"cannot read safetensors file ({exc})") from None
     else:
+        _check_torch(source.weights, torch.__version__)
         try:
             tensors = torch.load(source.weights, map_location="cpu", weights_only=True)
         except Exception as exc:  # UnpicklingError for unsafe content, RuntimeError for corrupt zips
@@ -94,6 +100,16 @@ def load_adapter_weights(source: AdapterSource) -> dict:
     if not any(".lora_" in key for key in tensors):
         raise AdapterError(source.weights, "holds no LoRA weights (no lora_A / lora_B tensors)")
     return tensors
+
+
+def _check_torch(weights: Path, version: str) -> None:
+    """Refuse to unpickle ``weights`` with a torch older than :data:`MIN_TORCH_WEIGHTS_ONLY`."""
+    import re
+
+    if tuple(int(p) for p in re.findall(r"\d+", str(version))[:2]) < MIN_TORCH_WEIGHTS_ONLY:
+        wanted = ".".join(map(str, MIN_TORCH_WEIGHTS_ONLY))
+        raise AdapterError(weights, f"not read with torch {version}, whose weights-only loading can be made to run "
+                           f"code (CVE-2025-32434); pip install 'torch>={wanted}'")
 
 
 def convert_legacy_adapter(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

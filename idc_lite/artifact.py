@@ -20,7 +20,9 @@ is listed with its size and sha256 and matches, is a regular file inside the fol
 hard link, no path leaving it), and nothing unlisted is there; so every file the runtime then opens
 (graphs, external data, decoder folders, tokenizer) is one the manifest vouches for. This proves
 integrity, not authenticity: anyone who can write the folder can write a matching manifest. Pin an
-artifact by the sha256 of its ``manifest.json`` (:func:`manifest_sha256`).
+artifact by the sha256 of its ``manifest.json`` (:func:`manifest_sha256`). External data named inside
+a graph is kept in the graph's folder by ONNX Runtime itself, from :data:`MIN_ONNXRUNTIME` on
+(:func:`check_onnxruntime`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,26 @@ ORT_DECODERS = {"ort-int4": "int4", "ort-int4-fp16": "int4-fp16", "ort-fp32": "f
 ORT_DECODER_GRAPH = "decoder.onnx"
 #: Every decoder name this idc-lite knows.
 DECODERS = (*TORCH_DECODERS, *ORT_DECODERS)
+#: The bare tokenizer the lite runtime opens when the export checked it (``manifest["tokenizer"]``).
+TOKENIZER_FILE = "tokenizer.json"
+#: The optional attention graph (manifest ``attention``): the encoder's ViT up to its last attention,
+#: ENCODER_INPUT -> one ``attention.{layer}`` output per ViT layer (:func:`attention_output`), the
+#: heads' attention probabilities (batch, heads, tokens, tokens), float32. Beside the encoder, whose
+#: external-data file it shares (graphs with inline weights hold their own copy of the ViT's).
+ATTENTION_FILE = "encoder-attention.onnx"
+
+
+def attention_output(layer: int) -> str:
+    """The attention graph's output for ViT layer ``layer`` (from 0)."""
+    return f"attention.{layer}"
+
+
+#: The oldest ONNX Runtime that refuses a graph whose external data lies outside the graph's folder
+#: (an absolute location, a ``..``, a symlink out): older ones read whatever file a graph names
+#: (tried with crafted graphs on 1.20.1 to 1.23.2, refused from 1.24.1 on). The folder check of
+#: :func:`verify_files` cannot see those locations (they are inside the graph), so graphs are opened
+#: only with this version or later (:func:`check_onnxruntime`).
+MIN_ONNXRUNTIME = (1, 24, 1)
 
 #: An ONNX Runtime decoder graph's inputs besides the cache, and its logits output; the per-layer
 #: cache names come from :func:`past_names`.
@@ -106,11 +128,31 @@ class DecoderEntry:
     dir: str
     runtime: str  # "torch" or "onnxruntime"
     precision: str
+    activations: str | None = None  # ONNX Runtime decoders: "fp32" or "fp16"
     graph: str | None = None  # ONNX Runtime decoders: the graph file inside ``dir``
     shape: DecoderShape | None = None  # ONNX Runtime decoders
     validation: dict = field(default_factory=dict)
     quantization: dict | None = None
     embeddings: dict | None = None
+
+
+@dataclass(frozen=True)
+class AttentionEntry:
+    """The manifest's optional ``attention``: the attention graph, its outputs (one per ViT layer,
+    from the first) and the patch grid they cover: the first token is the ViT's class token, then
+    ``grid[0] x grid[1]`` patches of ``patch_size`` pixels, row by row."""
+
+    file: str
+    input: str
+    outputs: tuple[str, ...]
+    heads: int
+    patch_size: int
+    grid: tuple[int, int]
+    validation: dict = field(default_factory=dict)
+
+    @property
+    def layers(self) -> int:
+        return len(self.outputs)
 
 
 @dataclass(frozen=True)
@@ -121,6 +163,7 @@ class Manifest:
     data: dict
     encoder: EncoderEntry
     decoders: dict[str, DecoderEntry]
+    attention: AttentionEntry | None = None  # artifacts without an attention graph still load
 
     @property
     def name(self) -> str:
@@ -168,6 +211,24 @@ class Manifest:
         return self.path / entry.dir / entry.graph
 
 
+def check_onnxruntime(graph: str | os.PathLike, version: str | None = None) -> None:
+    """Refuse to open ``graph`` with an ONNX Runtime older than :data:`MIN_ONNXRUNTIME`.
+
+    ``version`` is the installed ONNX Runtime's (``onnxruntime.__version__``, read when not given).
+    """
+    import re
+
+    if version is None:
+        import onnxruntime
+
+        version = onnxruntime.__version__
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+    if parts < MIN_ONNXRUNTIME:
+        wanted = ".".join(map(str, MIN_ONNXRUNTIME))
+        raise ArtifactError(graph, f"not opened with onnxruntime {version}, which reads external data from outside "
+                            f"the artifact; pip install 'onnxruntime>={wanted}' (or 'onnxruntime-gpu>={wanted}')")
+
+
 def _settings(manifest: Manifest, cls, key: str):
     try:
         return from_dict(cls, manifest.data[key])
@@ -211,13 +272,19 @@ def load_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
     files = _parse_files(manifest_path, data["files"])
     encoder = _parse_encoder(manifest_path, data["encoder"])
     decoders = {name: _parse_decoder(manifest_path, name, entry) for name, entry in data["decoders"].items()}
+    attention = _parse_attention(manifest_path, data["attention"]) if data.get("attention") is not None else None
     if not decoders:
         raise ArtifactError(manifest_path, "malformed manifest: it lists no decoder")
     opened = [encoder.file, *(d.dir if d.graph is None else f"{d.dir}/{d.graph}" for d in decoders.values())]
+    if attention is not None:
+        opened.append(attention.file)
+    tokenizer = data.get("tokenizer")
+    if isinstance(tokenizer, dict) and tokenizer.get("runtime") == "tokenizers":
+        opened.append(TOKENIZER_FILE)
     for relative in opened:
         if relative not in files and not any(f.startswith(relative.rstrip("/") + "/") for f in files):
             raise ArtifactError(root / relative, "not listed in the manifest's files")
-    manifest = Manifest(root, data, encoder, decoders)
+    manifest = Manifest(root, data, encoder, decoders, attention)
     for key in ("composition", "generation", "processor", "tokens"):
         getattr(manifest, key)  # a malformed settings object is one error now, not a TypeError later
     if verify:
@@ -273,6 +340,26 @@ def _parse_encoder(manifest_path: Path, entry: dict) -> EncoderEntry:
     )
 
 
+def _parse_attention(manifest_path: Path, entry: Any) -> AttentionEntry:
+    what = "attention"
+    if not isinstance(entry, dict):
+        raise _malformed(manifest_path, f"{what} is not an object")
+    outputs, grid = entry.get("outputs"), entry.get("grid")
+    if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) and o for o in outputs):
+        raise _malformed(manifest_path, f"{what} lacks 'outputs' or it is not a list of names")
+    if (not isinstance(grid, list) or len(grid) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
+        raise _malformed(manifest_path, f"{what}'s 'grid' is not two whole numbers of patches (rows, columns)")
+    sizes = {key: _field(manifest_path, entry, key, int, what) for key in ("heads", "patch_size")}
+    if min(sizes.values()) < 1:
+        raise _malformed(manifest_path, f"{what}'s heads or patch_size is below 1")
+    return AttentionEntry(
+        file=_relative(manifest_path, entry.get("file"), f"{what}.file"),
+        input=_field(manifest_path, entry, "input", str, what), outputs=tuple(outputs), grid=(grid[0], grid[1]),
+        validation=entry.get("validation") if isinstance(entry.get("validation"), dict) else {}, **sizes,
+    )
+
+
 def _parse_decoder(manifest_path: Path, name: str, entry: Any) -> DecoderEntry:
     what = f"decoder {name!r}"
     if not isinstance(entry, dict):
@@ -299,6 +386,7 @@ def _parse_decoder(manifest_path: Path, name: str, entry: Any) -> DecoderEntry:
     return DecoderEntry(
         name=name, dir=_relative(manifest_path, entry.get("dir"), f"{what}'s dir"), runtime=runtime,
         precision=_field(manifest_path, entry, "precision", str, what), graph=graph, shape=shape,
+        activations=entry.get("activations") if isinstance(entry.get("activations"), str) else None,
         validation=optional("validation") or {}, quantization=optional("quantization"),
         embeddings=optional("embeddings"),
     )

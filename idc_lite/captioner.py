@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 from .compose import ImageInput, compose_pair, describe_input
 from .decoding import decode
 from .errors import IdcError, OptionError, first_line, require
-from .settings import CompositionSettings, GenerationSettings
+from .settings import CompositionSettings, GenerationSettings, ImageLimits
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -82,6 +82,8 @@ class Captioner:
         merge_adapter: fold the LoRA weights into the base weights after loading.
         composition: how pairs are stacked (:class:`~idc_lite.settings.CompositionSettings`).
         generation: default decoding settings (:class:`~idc_lite.settings.GenerationSettings`).
+        image_limits: caps on each input image's bytes and pixels (:class:`~idc_lite.settings.ImageLimits`);
+            an image over them is that pair's :class:`~idc_lite.errors.InputError`.
         backend_options: passed to the lite backend: ``decoder`` (which of the artifact's decoders),
             ``providers`` (ONNX Runtime providers) and ``threads`` (ONNX Runtime intra-op threads);
             given for a model that runs on the reference backend, they raise
@@ -93,7 +95,7 @@ class Captioner:
         device: str = "auto", dtype: str | None = None, backend: str = "auto", revision: str | None = None,
         local_files_only: bool = False, merge_adapter: bool = False,
         composition: CompositionSettings | None = None, generation: GenerationSettings | None = None,
-        **backend_options,
+        image_limits: ImageLimits | None = None, **backend_options,
     ):
         if model is None:
             from .default_model import default_model_dir
@@ -108,6 +110,7 @@ class Captioner:
         # An artifact carries the settings it was built and validated with; they are the defaults.
         self.composition = composition or getattr(self.backend, "composition", None) or CompositionSettings()
         self.generation = generation or getattr(self.backend, "generation", None) or GenerationSettings()
+        self.image_limits = image_limits or ImageLimits()
         logger.info("loaded %s (%s backend) in %.1f s", self.backend.model_id, self.backend.name, self.load_s)
 
     @property
@@ -146,7 +149,7 @@ class Captioner:
         for i, (before, after) in enumerate(chunk):
             started = time.perf_counter()
             try:
-                pixels.append(compose_pair(before, after, self.composition, self.backend.processor))
+                pixels.append(compose_pair(before, after, self.composition, self.backend.processor, self.image_limits))
             except IdcError as exc:
                 if on_error == "raise":
                     raise

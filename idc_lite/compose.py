@@ -4,7 +4,11 @@ This is BLIP2IDC's input, and every backend goes through it:
 
 1. each image is opened (path, bytes, ``PIL.Image`` or ``HxWx3`` uint8 array), its EXIF orientation
    applied, and converted to RGB from whatever Pillow mode it has, transparency composited onto
-   white;
+   white. Inputs are untrusted: a path must be a regular file (never a FIFO or a device, which
+   would hang or never end), files and bytes are capped before they are read and images before
+   they are decoded (:class:`~idc_lite.settings.ImageLimits`), only :data:`IMAGE_FORMATS` are
+   decoded, told by content, and any failure, running out of memory included, is that input's
+   :class:`~idc_lite.errors.InputError`;
 2. images of different sizes are brought to one size by the size policy
    (:data:`idc_lite.settings.SIZE_POLICIES`; the default is BLIP2IDC's demo: both to the smaller
    width and the smaller height, Lanczos);
@@ -20,18 +24,22 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
+import stat
+import warnings
 from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
-from .settings import CompositionSettings, ProcessorSettings
+from .errors import IdcError, InputError, first_line
+from .settings import CompositionSettings, ImageLimits, ProcessorSettings
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 
-# Pillow's decompression-bomb guard stays on; a picture above it is refused with a clear message.
+#: The image formats idc-lite decodes (Pillow's names), told by content whatever the file's name:
+#: PNG, JPEG, WebP, BMP, GIF and TIFF (first frame). Pillow knows some forty more, some handed to
+#: outside programs (EPS to Ghostscript); none of them is tried.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
@@ -48,48 +56,92 @@ def describe_input(image: ImageInput) -> str:
     return f"<{type(image).__name__}>"
 
 
-def load_image(image: ImageInput, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Open one input as an upright RGB ``PIL.Image`` (EXIF applied, alpha on ``background``)."""
+def load_image(
+    image: ImageInput, background: tuple[int, int, int] = (255, 255, 255), limits: ImageLimits = ImageLimits()
+) -> Image.Image:
+    """Open one input as an upright RGB ``PIL.Image`` (EXIF applied, alpha on ``background``), within ``limits``."""
     name = describe_input(image)
-    if isinstance(image, np.ndarray):
-        return _from_array(image, name)
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.exists():
-            raise InputError(name, "no such file")
-        if path.is_dir():
-            raise InputError(name, "is a folder, expected an image file")
+    try:
+        if isinstance(image, np.ndarray):
+            return _check_pixels(_from_array(image, name), name, limits)
+        if isinstance(image, (str, os.PathLike)):
+            pil = _open_file(os.fspath(image), name, limits)
+        elif isinstance(image, (bytes, bytearray)):
+            if len(image) > limits.max_bytes:
+                raise InputError(name, f"{len(image)} bytes, more than the {limits.max_bytes} an image may be")
+            pil = _decode(io.BytesIO(bytes(image)), name, limits)
+        elif isinstance(image, Image.Image):
+            pil = _check_pixels(image, name, limits)
+        else:
+            raise InputError(name, "unsupported input type; give a path, bytes, a PIL.Image or an HxWx3 uint8 array")
+        return to_rgb(ImageOps.exif_transpose(pil), background)
+    except IdcError:
+        raise
+    except MemoryError:
+        raise InputError(name, "not enough memory to decode this image") from None
+    except Exception as exc:  # Pillow's decoders raise many types (OSError, ValueError, SyntaxError, struct.error...)
+        raise InputError(name, f"cannot decode image ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def _open_file(path: str, name: str, limits: ImageLimits) -> Image.Image:
+    """Decode the regular file at ``path``; a FIFO, device or folder is refused before any read."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)  # O_NONBLOCK: opening a FIFO must not wait for a writer
+    except FileNotFoundError:
+        raise InputError(name, "no such file") from None
+    except OSError as exc:
+        raise InputError(name, f"cannot read file ({exc.strerror or exc})") from None
+    info = os.fstat(fd)
+    problem = None
+    if stat.S_ISDIR(info.st_mode):
+        problem = "is a folder, expected an image file"
+    elif not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file (a device, FIFO or socket); give an image file"
+    elif info.st_size > limits.max_bytes:
+        problem = f"{info.st_size} bytes, more than the {limits.max_bytes} an image may be"
+    if problem is not None:
+        os.close(fd)
+        raise InputError(name, problem)
+    with os.fdopen(fd, "rb") as fh:
         try:
-            with open(path, "rb") as fh:
-                data = fh.read()
+            data = fh.read(limits.max_bytes + 1)
         except OSError as exc:
             raise InputError(name, f"cannot read file ({exc.strerror or exc})") from None
-        pil = _decode(data, name)
-    elif isinstance(image, (bytes, bytearray)):
-        pil = _decode(bytes(image), name)
-    elif isinstance(image, Image.Image):
-        pil = image
-    else:
-        raise InputError(name, "unsupported input type; give a path, bytes, a PIL.Image or an HxWx3 uint8 array")
-    try:
-        pil = ImageOps.exif_transpose(pil)
-        return to_rgb(pil, background)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InputError(name, f"cannot decode image ({exc})") from None
+    if len(data) > limits.max_bytes:  # it grew after the check
+        raise InputError(name, f"more than the {limits.max_bytes} bytes an image may be")
+    return _decode(io.BytesIO(data), name, limits)
 
 
-def _decode(data: bytes, name: str) -> Image.Image:
-    if not data:
+def _decode(fh, name: str, limits: ImageLimits) -> Image.Image:
+    """Decode an accepted format from ``fh``, refusing a picture above the pixel cap before decoding it."""
+    start = fh.tell()
+    if not fh.read(1):
         raise InputError(name, "empty file, not an image")
-    try:
-        pil = Image.open(io.BytesIO(data))
-        pil.load()
-    except UnidentifiedImageError:
-        raise InputError(name, "not an image file (unknown format)") from None
-    except Image.DecompressionBombError as exc:
-        raise InputError(name, f"image too large ({exc})") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InputError(name, f"corrupt or truncated image ({exc})") from None
+    fh.seek(start)
+    with warnings.catch_warnings():
+        # Pillow only warns between its bomb limit and twice that; here that is a refusal too, unless
+        # the pixel cap asked for is above Pillow's limit (then the cap itself decides).
+        over = "ignore" if limits.max_pixels > (Image.MAX_IMAGE_PIXELS or 0) else "error"
+        warnings.simplefilter(over, Image.DecompressionBombWarning)
+        try:
+            pil = Image.open(fh, formats=IMAGE_FORMATS)
+            _check_pixels(pil, name, limits)
+            pil.load()
+        except UnidentifiedImageError:
+            raise InputError(name, f"not an image file of an accepted format ({', '.join(IMAGE_FORMATS)})") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InputError(name, f"image too large ({first_line(exc)})") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise InputError(name, f"corrupt or truncated image ({exc})") from None
+    return pil
+
+
+def _check_pixels(pil: Image.Image, name: str, limits: ImageLimits) -> Image.Image:
+    pixels = pil.width * pil.height
+    if pixels > limits.max_pixels:
+        raise InputError(name, f"image too large: {pil.width}x{pil.height} is {pixels} pixels, "
+                         f"more than the {limits.max_pixels} allowed")
     return pil
 
 
@@ -189,17 +241,29 @@ def compose_pair(
     before: ImageInput, after: ImageInput,
     composition: CompositionSettings = CompositionSettings(),
     processor: ProcessorSettings = ProcessorSettings(),
+    limits: ImageLimits = ImageLimits(),
 ) -> np.ndarray:
-    """One pair -> float32 pixel array (3, H, W), ready for the vision encoder."""
+    """One pair -> float32 pixel array (3, H, W), ready for the vision encoder.
+
+    Anything that goes wrong with this pair (a bad image, too little memory) is one
+    :class:`~idc_lite.errors.InputError`, so a batch can record it and go on.
+    """
     names = (describe_input(before), describe_input(after))
-    canvas = stack_pair(
-        load_image(before, composition.background), load_image(after, composition.background), composition, names
-    )
-    return preprocess(canvas, processor)
+    images = load_image(before, composition.background, limits), load_image(after, composition.background, limits)
+    try:
+        return preprocess(stack_pair(*images, composition, names), processor)
+    except IdcError:
+        raise
+    except MemoryError:
+        raise InputError(names[0], f"not enough memory to compose this image with {names[1]}") from None
+    except Exception as exc:  # Pillow's resampling on an unusual image
+        raise InputError(names[0], f"cannot compose this image with {names[1]} "
+                         f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def compose_batch(
-    pairs, composition: CompositionSettings = CompositionSettings(), processor: ProcessorSettings = ProcessorSettings()
+    pairs, composition: CompositionSettings = CompositionSettings(), processor: ProcessorSettings = ProcessorSettings(),
+    limits: ImageLimits = ImageLimits(),
 ) -> np.ndarray:
     """Several pairs -> float32 pixel batch (N, 3, H, W)."""
-    return np.stack([compose_pair(b, a, composition, processor) for b, a in pairs])
+    return np.stack([compose_pair(b, a, composition, processor, limits) for b, a in pairs])

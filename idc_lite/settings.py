@@ -43,6 +43,30 @@ class CompositionSettings:
             raise ValueError(f"size_policy must be one of {', '.join(SIZE_POLICIES)}, not {self.size_policy!r}")
 
 
+#: Default caps on one input image (:class:`ImageLimits`): its file or bytes, and its pixels. An
+#: uncompressed 40-megapixel RGB image is 120 MB, so real photos pass both; a file or a header that
+#: asks for more is refused before it is read or decoded.
+MAX_IMAGE_BYTES = 128 << 20
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one input image may cost: ``max_bytes`` of file (or bytes) read, ``max_pixels`` decoded.
+
+    These belong to whoever runs idc-lite, never to a model or an artifact, so no manifest carries
+    them. Above Pillow's own bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) Pillow refuses too, unless
+    that limit is raised as well.
+    """
+
+    max_bytes: int = MAX_IMAGE_BYTES
+    max_pixels: int = MAX_IMAGE_PIXELS
+
+    def __post_init__(self):
+        if self.max_bytes < 1 or self.max_pixels < 1:
+            raise ValueError(f"image limits must be at least 1, not {self.max_bytes} bytes / {self.max_pixels} pixels")
+
+
 @dataclass(frozen=True)
 class ProcessorSettings:
     """The model's own image-processor settings (``preprocessor_config.json``)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -9,9 +11,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from export.download import fetch
+from export.download import Pin, fetch
 from export.errors import DownloadError
-from export.recipes import RECIPES, fetch_adapter, get_recipe
+from export.recipes import ADAPTER_FILES, RECIPES, fetch_adapter, get_recipe
 from idc_lite.hashing import file_sha256
 
 
@@ -102,10 +104,16 @@ def github(legacy_adapter, monkeypatch, tmp_path):
     files = {f"{run}/{name}": (legacy_adapter / name).read_bytes() for name in ("adapter_config.json", "adapter_model.bin")}
     files[f"code_release/weights/{recipe.folder}/README.md"] = b"notes"
     server = FakeGitHub(files)
+    # The released adapters are pinned (export/recipes.py); this one is the test's own, so are its pins.
+    monkeypatch.setitem(RECIPES, "blip2idc-ier", dataclasses.replace(recipe, pins=_pins(legacy_adapter)))
     monkeypatch.setenv("IDC_LITE_GITHUB_API", server.url)
     monkeypatch.setenv("IDC_LITE_CACHE", str(tmp_path / "cache"))
     yield server, run
     server.close()
+
+
+def _pins(adapter) -> dict:
+    return {name: Pin(sha256=file_sha256(adapter / name)) for name in ADAPTER_FILES}
 
 
 def test_recipes_cover_the_released_adapters():
@@ -131,22 +139,25 @@ def test_an_interrupted_download_resumes_with_a_range_request(github, tmp_path):
     url = f"{server.url}/raw/{run}/adapter_model.bin"
     body = server.files[f"{run}/adapter_model.bin"]
     dest = tmp_path / "adapter_model.bin"
+    pin = {"sha256": hashlib.sha256(body).hexdigest(), "origins": (server.url,), "progress": False}
     server.cut_after = 1000
     with pytest.raises(DownloadError, match="run again to resume"):
-        fetch(url, dest, progress=False)
+        fetch(url, dest, **pin)
     assert not dest.exists() and (tmp_path / "adapter_model.bin.partial").stat().st_size == 1000
-    fetch(url, dest, progress=False)
+    fetch(url, dest, **pin)
     assert dest.read_bytes() == body
     assert server.requests[-1] == (f"/raw/{run}/adapter_model.bin", "bytes=1000-")
 
 
 def test_sha256_mismatch_and_missing_files_are_errors(github, tmp_path):
     server, run = github
-    with pytest.raises(DownloadError, match="does not match the expected sha256"):
-        fetch(f"{server.url}/raw/{run}/adapter_config.json", tmp_path / "c.json", sha256="0" * 64, progress=False)
+    with pytest.raises(DownloadError, match="does not match its pinned sha256"):
+        fetch(f"{server.url}/raw/{run}/adapter_config.json", tmp_path / "c.json", sha256="0" * 64, progress=False,
+              origins=(server.url,))
     assert not (tmp_path / "c.json").exists() and not (tmp_path / "c.json.partial").exists()
     with pytest.raises(DownloadError, match="HTTP 404"):
-        fetch(f"{server.url}/raw/nothing/here.bin", tmp_path / "x.bin", progress=False)
+        fetch(f"{server.url}/raw/nothing/here.bin", tmp_path / "x.bin", sha256="0" * 64, progress=False,
+              origins=(server.url,))
     with pytest.raises(DownloadError, match="HTTP 404"):
         fetch_adapter(get_recipe("blip2idc-spot"), progress=False)
 
@@ -158,16 +169,17 @@ def test_unreachable_host_says_so(tmp_path, monkeypatch):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(DownloadError, match="cannot connect"):
-        fetch(f"http://127.0.0.1:{port}/x", tmp_path / "x", progress=False)
+        fetch(f"http://127.0.0.1:{port}/x", tmp_path / "x", sha256="0" * 64, progress=False,
+              origins=(f"http://127.0.0.1:{port}",))
 
 
-def test_export_cli_builds_from_a_recipe(github, tiny_model, tmp_path, monkeypatch, capsys):
+def test_export_cli_builds_from_a_recipe(github, tiny_model, legacy_adapter, tmp_path, monkeypatch, capsys):
     """`python -m export build RECIPE` downloads the adapter and builds; the base comes from the recipe."""
     import export.recipes as recipes
     from export.__main__ import main
 
     monkeypatch.setitem(recipes.RECIPES, "blip2idc-ier", recipes.Recipe(
-        "blip2idc-ier", "ier", "test", base=str(tiny_model), base_revision=None))
+        "blip2idc-ier", "ier", "test", _pins(legacy_adapter), base=str(tiny_model), base_revision=None))
     with pytest.raises(SystemExit) as info:
         main(["build", "blip2idc-ier", "--out", str(tmp_path / "ier"), "--decoder-precision", "fp32"])
     assert info.value.code in (0, None)

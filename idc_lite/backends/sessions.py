@@ -12,6 +12,7 @@ import functools
 import logging
 from pathlib import Path
 
+from ..artifact import check_onnxruntime
 from ..errors import ArtifactError, first_line
 
 logger = logging.getLogger("idc_lite")
@@ -74,6 +75,7 @@ def open_session(path, device: str, providers: list[str] | None = None, threads:
     """An ONNX Runtime session for the graph at ``path`` on ``device``; a graph it cannot load is an ArtifactError."""
     import onnxruntime as ort
 
+    check_onnxruntime(path, ort.__version__)  # the GPU wheel is not bound by this package's requirement
     # Its environment logger warns at every CUDA session ("No registered plugin EP device found");
     # whether a session really runs on the GPU is said below. Set here so that paths without ONNX
     # Runtime do not import it.

@@ -14,6 +14,8 @@ from typing import Annotated, Optional, get_type_hints
 
 import typer
 
+from ..settings import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+
 
 @dataclass(frozen=True)
 class ModelOptions:
@@ -36,6 +38,16 @@ class ModelOptions:
     decoder: Annotated[Optional[str], typer.Option(
         "--decoder", help="Lite backend: which of the artifact's decoders (ort-int4, bnb-int4, torch-fp32, ...).")] = None
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Lite backend: ONNX Runtime CPU threads.")] = None
+    max_image_bytes: Annotated[int, typer.Option(
+        "--max-image-bytes", min=1, help="Refuse an image file larger than this.")] = MAX_IMAGE_BYTES
+    max_image_pixels: Annotated[int, typer.Option(
+        "--max-image-pixels", min=1, help="Refuse an image with more pixels than this (decompression bombs).")] = MAX_IMAGE_PIXELS
+
+    def image_limits(self):
+        """The :class:`~idc_lite.settings.ImageLimits` these options set."""
+        from ..settings import ImageLimits
+
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
 
     def captioner(self):
         """A :class:`idc_lite.Captioner` for these options (slow: loads the model)."""
@@ -56,7 +68,7 @@ class ModelOptions:
         return Captioner(
             self.model, self.adapter, device=self.device, dtype=self.dtype, backend=self.backend,
             revision=self.revision, composition=composition, generation=generation,
-            decoder=self.decoder, threads=self.threads,
+            image_limits=self.image_limits(), decoder=self.decoder, threads=self.threads,
         )
 
 

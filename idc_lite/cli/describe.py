@@ -22,7 +22,7 @@ def describe(
     from ..compose import load_image
 
     for path in (before, after):  # bad input fails before the (slow) model load
-        load_image(path)
+        load_image(path, limits=options.image_limits())
     captioner = options.captioner()
     result = captioner.describe(before, after)
     if options.model is None:

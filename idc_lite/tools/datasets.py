@@ -12,7 +12,11 @@ each format's quirks (file naming, key spellings, id conventions) live in one pl
 
 Every reader checks every record up front (keys present, references non-empty, both image files on
 disk, ids unique) and raises :class:`~idc_lite.errors.DatasetError` naming the file and the record, so
-a bad dataset fails before a long run starts, not half-way through it. Reference captions are
+a bad dataset fails before a long run starts, not half-way through it. Image names that a
+Spot-the-Diff, IER or Syned file gives (or builds from its ids) must stay inside the image folder:
+an absolute name or one whose ``..`` climbs out of it is refused, so a downloaded dataset file cannot
+point the run at other files. (idc-lite's own JSONL may name any path: it is written by idc-lite or
+by you, and its paths are relative to its own folder or absolute.) Reference captions are
 stripped of surrounding whitespace and empty ones are dropped; a record left with none is an error.
 """
 
@@ -232,7 +236,8 @@ def read_spot_the_diff(json_path: str | os.PathLike, image_dir: str | os.PathLik
         where = f"record {rid!r} (item {position})"
         _require(item, ("sentences",), json_path, where)
         records.append(
-            _record(json_path, where, rid, Path(image_dir), f"{rid}.png", f"{rid}_2.png", item["sentences"])
+            _record(json_path, where, rid, Path(image_dir), f"{rid}.png", f"{rid}_2.png", item["sentences"],
+                    confine=True)
         )
     return _unique(records, json_path)
 
@@ -250,7 +255,7 @@ def read_ier(json_path: str | os.PathLike, image_dir: str | os.PathLike) -> list
         where = f"record {rid!r} (item {position})"
         _require(item, ("img0", "img1", "sents"), json_path, where)
         records.append(
-            _record(json_path, where, rid, Path(image_dir), item["img0"], item["img1"], item["sents"])
+            _record(json_path, where, rid, Path(image_dir), item["img0"], item["img1"], item["sents"], confine=True)
         )
     return _unique(records, json_path)
 
@@ -290,6 +295,7 @@ def read_syned(
                 before_pattern.format(idx=rid),
                 after_pattern.format(idx=rid),
                 captions,
+                confine=True,
             )
         )
     return _unique(records, refs_json)
@@ -421,8 +427,10 @@ def _record(
     after: Any,
     references: Any,
     category: str | None = None,
+    confine: bool = False,
 ) -> PairRecord:
-    """A checked record: references cleaned and non-empty, both images existing files."""
+    """A checked record: references cleaned and non-empty, both images existing files (inside ``folder``
+    when ``confine``)."""
     if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
         raise DatasetError(path, f"{where}: references must be a list of strings")
     cleaned = tuple(r.strip() for r in references if r.strip())
@@ -430,17 +438,20 @@ def _record(
         raise DatasetError(path, f"{where}: no reference captions (empty list)")
     return PairRecord(
         id=rid,
-        before=_image(folder, before, path, where, "before"),
-        after=_image(folder, after, path, where, "after"),
+        before=_image(folder, before, path, where, "before", confine),
+        after=_image(folder, after, path, where, "after", confine),
         references=cleaned,
         category=category,
     )
 
 
-def _image(folder: Path, name: Any, path: Path, where: str, role: str) -> str:
+def _image(folder: Path, name: Any, path: Path, where: str, role: str, confine: bool = False) -> str:
     if not isinstance(name, str) or not name:
         raise DatasetError(path, f"{where}: the {role} image must be a non-empty path string")
-    image = Path(os.path.normpath(folder.absolute() / name))
+    base = Path(os.path.normpath(folder.absolute()))
+    image = Path(os.path.normpath(base / name))
+    if confine and (Path(name).is_absolute() or Path(name).drive or not image.is_relative_to(base) or image == base):
+        raise DatasetError(path, f"{where}: the {role} image {name!r} lies outside the image folder {base}")
     if not image.is_file():
         raise DatasetError(path, f"{where}: {role} image not found: {image}")
     return str(image)

@@ -25,7 +25,7 @@ from pathlib import Path
 from .datasets import PairRecord
 from ..errors import DatasetError, InputError
 from .metrics import CIDER_DF_NOTE_KEY, OVERALL, Scores, score_by_category
-from ..results_io import ResultsFile
+from ..results_io import ResultsFile, atomic_write_text
 
 logger = logging.getLogger("idc_lite")
 
@@ -211,10 +211,6 @@ def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def write_report(report: dict, path: str | os.PathLike) -> Path:
-    """Write ``report`` as JSON atomically (a temporary file, then a rename): never a half-written report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write ``report`` as JSON atomically (an exclusive temporary file, then a rename): never a
+    half-written report, never a write through a symlink left in the folder."""
+    return atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
