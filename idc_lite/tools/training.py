@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -209,9 +210,8 @@ class Trainer:
         import torch
         from safetensors.torch import save_file
 
-        tmp = self.out / "checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="checkpoint.tmp-", dir=self.out))  # unpredictable, made by us
         save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({
@@ -302,8 +302,9 @@ class Trainer:
         """The best model so far: a PEFT adapter (LoRA) or a full model directory, written atomically."""
         from .modelgen import save_model
 
-        tmp = self.out / "best.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="best.tmp-", dir=self.out))  # unpredictable, made by us
+        tmp.chmod(0o755)  # mkdtemp's 0700 would stay on the adapter
         if self.settings.mode == "lora":
             self.net.save_pretrained(tmp)
             config = json.loads((tmp / "adapter_config.json").read_text())
