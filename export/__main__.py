@@ -15,9 +15,7 @@ app = typer.Typer(name="python -m export", no_args_is_help=True, add_completion=
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show a traceback with errors (read by run_app).")] = False) -> None:
-    from .build import log_to_stderr
-
-    log_to_stderr()
+    """The options every command takes (``--debug`` is read by ``run_app``)."""
 
 
 @app.command()
@@ -90,7 +88,10 @@ def recipes() -> None:
 def main(argv: list[str] | None = None) -> None:
     from idc_lite.cli import run_app
 
-    run_app(app, argv, "python -m export")
+    from .build import stderr_logging
+
+    with stderr_logging():
+        run_app(app, argv, "python -m export")
 
 
 if __name__ == "__main__":

@@ -11,17 +11,19 @@ model (fp32), once; the merged weights are saved and the stages read them from d
 (ViT-g) is exported in a spawned process of its own, so that what its export leaves allocated is
 gone before a language model loads (:data:`ENCODER_CHILD_PARAMETERS`).
 
-The artifact is assembled in ``<out>.partial`` and renamed into place only when every step, its
-validation and the manifest are done: an interrupted or failed build never leaves a half artifact
-under the real name. Before any weights are read, the disk must hold what the export surely writes
+The artifact is assembled in a new folder of an unpredictable name beside ``out``
+(``<out>.partial-XXXXXXXX``) and renamed into place only when every step, its validation and the
+manifest are done: an interrupted or failed build never leaves a half artifact under the real name. Before any weights are read, the disk must hold what the export surely writes
 (:mod:`export.space`); a disk that fills up anyway is said as such.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,9 +93,10 @@ def build_artifact(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ExportError(out, "already exists; use --force to replace it")
-    work = out.with_name(out.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # An unpredictable name, made by this process (never a folder or link planted under a known name).
+    work = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
+    work.chmod(0o755)  # mkdtemp's 0700 would stay on the artifact
     started = time.perf_counter()
 
     try:
@@ -254,16 +257,40 @@ def _child_setup(show_progress: bool) -> None:
         log_to_stderr()
 
 
-def log_to_stderr() -> None:
+#: The loggers whose messages ``python -m export`` shows.
+SHOWN_LOGGERS = ("export", "idc_lite")
+
+
+def log_to_stderr() -> logging.Handler:
     """Progress as ``python -m export`` shows it: one line per message of idc-lite's loggers, on stderr."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
-    for name in ("export", "idc_lite"):
+    for name in SHOWN_LOGGERS:
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
         # ONNX Runtime's MatMulNBits quantizer calls logging.basicConfig() when imported: without this
         # every line would be printed twice, once more through the root logger.
         logging.getLogger(name).propagate = False
+    return handler
+
+
+@contextlib.contextmanager
+def stderr_logging():
+    """:func:`log_to_stderr` for the duration of a command; the loggers are then as they were.
+
+    A caller that goes on after the command (a test, a notebook) keeps its own logging: no handler
+    is left on a stream that may be closed by then, and the messages reach the root logger again.
+    """
+    loggers = [logging.getLogger(name) for name in SHOWN_LOGGERS]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    handler = log_to_stderr()
+    try:
+        yield
+    finally:
+        for logger, (level, propagate) in zip(loggers, saved):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def _merge(model_dir: Path, adapter, out: Path, model_name: str) -> None:

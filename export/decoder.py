@@ -19,6 +19,7 @@ from idc_lite.decoders import load_torch_decoder
 from idc_lite.decoding import inputs_embeds
 
 from .errors import ExportError, QuantizationError
+from .graph_ops import cosine_text
 
 logger = logging.getLogger("export")
 
@@ -57,7 +58,8 @@ def export_decoder(language_model, out_dir: Path, precision: str, query_embeds: 
     cosine = decoder_cosine(target, name, embeds, reference)
     logger.info("decoder %s: next-token logits cosine similarity to fp32 = %.5f", name, cosine)
     if cosine < MIN_COSINE[precision]:
-        raise QuantizationError(target, f"{name} logits cosine similarity {cosine:.4f} < {MIN_COSINE[precision]}")
+        raise QuantizationError(target, f"{name} logits cosine similarity {cosine_text(cosine)} "
+                                f"< {MIN_COSINE[precision]}")
     entry = {"dir": TORCH_DECODER_DIR, "runtime": "torch", "precision": precision,
              "validation": {"logits_cosine_min": cosine, "threshold": MIN_COSINE[precision]}}
     if precision == "int4":

@@ -31,7 +31,7 @@ import torch
 from idc_lite.artifact import ENCODER_FILE, ENCODER_INPUT, ENCODER_OUTPUT
 
 from .errors import AtolError, ExportError, QuantizationError, ShapeError
-from .graph_ops import gemm_to_matmul, min_cosine, quantize_int4
+from .graph_ops import cosine_text, gemm_to_matmul, min_cosine, quantize_int4
 
 logger = logging.getLogger("export")
 
@@ -208,8 +208,8 @@ def validate_encoder(module: torch.nn.Module, path: Path, precision: str, image_
     how = "validated" if enforce else "compared (not enforced)"
     if precision in MIN_COSINE:
         if cosine < MIN_COSINE[precision] and enforce:
-            raise QuantizationError(path, f"{precision} encoder: query-embedding cosine similarity {cosine:.4f} "
-                                    f"< {MIN_COSINE[precision]}")
+            raise QuantizationError(path, f"{precision} encoder: query-embedding cosine similarity "
+                                    f"{cosine_text(cosine)} < {MIN_COSINE[precision]}")
         logger.info("encoder %s on %d inputs: query-embedding cosine similarity >= %.4f (threshold %s)",
                     how, len(inputs), cosine, MIN_COSINE[precision])
         return EncoderReport(path.name, precision, worst, None, len(inputs), cosine, enforce)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -55,6 +56,11 @@ def min_cosine(got: np.ndarray, expected: np.ndarray) -> float:
     cosine = (got * expected).sum(-1) / np.where(norms == 0, 1.0, norms)
     cosine = np.where((a == 0) & (b == 0), 1.0, cosine)
     return float(cosine.min())
+
+
+def cosine_text(cosine: float) -> str:
+    """``cosine`` rounded down to 4 decimals: a cosine below its threshold never reads as the threshold or above."""
+    return f"{math.floor(cosine * 1e4) / 1e4:.4f}"
 
 
 def quantize_int4(model, source, block_size: int, symmetric: bool, accuracy_level: int, exclude=()):

@@ -66,7 +66,7 @@ from idc_lite.artifact import DECODER_LOGITS as LOGITS
 from idc_lite.artifact import ORT_DECODER_GRAPH, ORT_DECODERS, cache_numpy_dtype, past_names
 
 from .errors import AtolError, ExportError, QuantizationError, ShapeError
-from .graph_ops import gemm_to_matmul, min_cosine, quantize_int4
+from .graph_ops import cosine_text, gemm_to_matmul, min_cosine, quantize_int4
 
 logger = logging.getLogger("export")
 
@@ -202,7 +202,8 @@ def export_ort_decoder(
         cosine = graph_cosine(path, reference_logits, cases)
         logger.info("decoder %s: next-token logits cosine similarity to fp32 = %.5f", name, cosine)
         if cosine < MIN_COSINE[precision]:
-            raise QuantizationError(path, f"{name} logits cosine similarity {cosine:.4f} < {MIN_COSINE[precision]}")
+            raise QuantizationError(path, f"{name} logits cosine similarity {cosine_text(cosine)} "
+                                    f"< {MIN_COSINE[precision]}")
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise

@@ -1,6 +1,7 @@
-"""Session fixtures: a tiny BLIP-2 (random vision side, briefly trained decoder), its LoRA adapters in both layouts, and image pairs.
+"""Session fixtures: a tiny BLIP-2, its LoRA adapters in both layouts, the artifacts built from them, image pairs.
 
-Everything is built here, offline, in a few seconds: no hub, no download.
+Everything is built here, offline, in a few seconds and without training: no hub, no download, and
+the same weights on every machine (numpy's generator; see :mod:`idc_lite.tools.modelgen`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach the network du
 
 DATA = Path(__file__).parent / "data"
 MAX_NEW_TOKENS = 10
+#: A test adapter's B @ A, as a share of the standard deviation of the weight it adds to.
+ADAPTER_STRENGTH = 0.1
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs the benchmark pipeline end to end (deselect with -m 'not slow')")
 
 
 def random_pairs(n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -41,7 +48,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def make_adapter(model_dir: Path, out_dir: Path, layout: str, seed: int = 1, r: int = 4) -> Path:
-    """A LoRA adapter for ``model_dir`` with BLIP2IDC's target modules and non-zero random weights.
+    """A LoRA adapter for ``model_dir`` with BLIP2IDC's target modules and non-zero random weights (from numpy).
 
     ``layout="legacy"`` writes BLIP2IDC's released layout (``adapter_model.bin`` pickle of tensors and
     its adapter_config.json); ``"peft"`` writes PEFT's safetensors layout.
@@ -54,10 +61,18 @@ def make_adapter(model_dir: Path, out_dir: Path, layout: str, seed: int = 1, r: 
     config = json.loads((DATA / "blip2idc-ier.adapter_config.json").read_text())
     config.update(r=r, lora_alpha=2 * r, base_model_name_or_path=str(model_dir))
     net = Blip2ForConditionalGeneration.from_pretrained(model_dir)
-    torch.manual_seed(seed)
     lora = LoraConfig(**{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__})
-    lora.init_lora_weights = False  # random A and B: the adapter visibly changes the model
     peft_model = get_peft_model(net, lora)
+    # Random A and B (PEFT starts B at zero), B @ A a tenth of the weight it adds to: the adapter
+    # visibly changes the model, and merged weights stay close enough to int4's grid (see modelgen).
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                a.copy_(torch.from_numpy(rng.standard_normal(tuple(a.shape))))
+                target = ADAPTER_STRENGTH * float(module.base_layer.weight.std()) / module.scaling["default"]
+                b.copy_(torch.from_numpy(rng.standard_normal(tuple(b.shape)) * target / np.sqrt(r)))
     state = {k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
@@ -82,6 +97,35 @@ def peft_adapter(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pairs() -> list[tuple[np.ndarray, np.ndarray]]:
     return random_pairs(7)
+
+
+@pytest.fixture(scope="session")
+def adapted(tiny_model, legacy_adapter):
+    """The reference backend with the adapter, unmerged: BLIP2IDC as it was trained."""
+    from idc_lite import Captioner, GenerationSettings
+
+    return Captioner(tiny_model, legacy_adapter, generation=GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))
+
+
+# --- the artifacts: each built once per session, read by every test that needs one ---------------
+
+
+@pytest.fixture(scope="session")
+def artifact(tiny_model, legacy_adapter, tmp_path_factory) -> Path:
+    """The tiny model with the legacy adapter merged: torch-fp32 (the reference decoder) beside the ONNX
+    Runtime decoders (ort-fp32, ort-int4, ort-int4-fp16), fp32 encoder."""
+    from export.build import build_artifact
+
+    return build_artifact(tiny_model, tmp_path_factory.mktemp("artifacts") / "ort", legacy_adapter,
+                          decoders=("torch-fp32", "ort-fp32", "ort-int4", "ort-int4-fp16"))
+
+
+@pytest.fixture(scope="session")
+def artifact_int4(tiny_model, legacy_adapter, tmp_path_factory) -> Path:
+    """The default build of the tiny model with the legacy adapter: bnb-int4 and ort-int4."""
+    from export.build import build_artifact
+
+    return build_artifact(tiny_model, tmp_path_factory.mktemp("artifacts") / "int4", legacy_adapter)
 
 
 @pytest.fixture(scope="session")

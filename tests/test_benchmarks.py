@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,16 +24,24 @@ from benchmarks.machine import describe
 from benchmarks.measure import exactly_new_tokens
 from conftest import random_pairs
 
+pytestmark = pytest.mark.slow
+
 BATCH_SIZES = [1, 2]
 NEW_TOKENS = 3
 QUALITY_PAIRS = 2
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def bench_cache(tmp_path_factory):
+    """The benchmarks' model cache, shared by the tests here: the seed-0 tiny model is built once."""
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, bench_cache):
     """One smoke run of ``python -m benchmarks --tiny``: the results folder and results.json."""
     out = tmp_path_factory.mktemp("bench") / "out"
-    cache = tmp_path_factory.mktemp("bench-cache")
+    cache = bench_cache
     # One thread per process: tiny models gain nothing from two, and on a busy machine OpenMP's
     # spinning threads make them many times slower.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -166,20 +175,19 @@ def test_forcing_new_tokens_generates_exactly_that_many(bench):
         assert backend.tokens.eos_token_ids == tuple(first)  # restored afterwards
 
 
-def test_encoder_precision_is_built_and_cached_apart(tmp_path, monkeypatch):
-    from benchmarks.models import random_subject
+def test_encoder_precision_is_built_and_cached_apart(bench, bench_cache, tmp_path, monkeypatch):
+    from benchmarks.models import DEFAULT_DECODERS, random_subject
     from idc_lite.artifact import load_manifest
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    subject = random_subject(None, tmp_path / "cache", tmp_path / "logs", decoders=("ort-fp32",),
-                             encoder_precision="fp16")
-    assert subject.artifact.name == "artifact-ort-fp32-encoder-fp16"
+    subject = random_subject(None, bench_cache, tmp_path / "logs", encoder_precision="fp16")
+    fp32 = bench[1]["subject"]  # the smoke run's: same model and decoders, fp32 encoder
+    assert str(subject.reference_model) == fp32["reference_model"]  # the model is not rebuilt
+    assert subject.artifact.name == f"artifact-{'+'.join(DEFAULT_DECODERS)}-encoder-fp16" != Path(fp32["artifact"]).name
     manifest = load_manifest(subject.artifact)
-    assert manifest.encoder.precision == "fp16" and list(manifest.decoders) == ["ort-fp32"]
+    assert manifest.encoder.precision == "fp16" and list(manifest.decoders) == list(DEFAULT_DECODERS)
     assert manifest.encoder.validation["enforced"] is False  # random vision weights: recorded only
-    fp32 = random_subject(None, tmp_path / "cache", tmp_path / "logs", decoders=("ort-fp32",))
-    assert fp32.artifact.name == "artifact-ort-fp32" and fp32.reference_model == subject.reference_model
-    assert load_manifest(fp32.artifact).encoder.precision == "fp32"
+    assert load_manifest(Path(fp32["artifact"])).encoder.precision == "fp32"
     # No weight matrix or embedding is left at zero (transformers leaves the vision model so).
     from safetensors import safe_open
 

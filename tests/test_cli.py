@@ -6,9 +6,9 @@ import csv
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -58,14 +58,17 @@ def test_describe_options_reach_the_model(tiny_model, reference, pairs, tmp_path
 
     write_pair(tmp_path, tmp_path / "after", "x", pairs[1])
     before, after = tmp_path / "x.png", tmp_path / "after" / "x.png"
+    default = reference.describe(before, after).caption
     options = [
         (["--max-new-tokens", "2"], GenerationSettings(max_new_tokens=2)),
         (["--num-beams", "3", *TOKENS], GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, num_beams=3)),
         (["--prompt", "the red circle", *TOKENS], GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, prompt="the red circle")),
     ]
     for argv, settings in options:
+        expected = reference.describe(before, after, settings).caption
+        assert expected != default, f"{argv} gives this pair the default caption: the check would pass without it"
         code, out, _ = run(["describe", before, after, "-m", tiny_model, *argv], capsys)
-        assert code == 0 and out == reference.describe(before, after, settings).caption + "\n", argv
+        assert code == 0 and out == expected + "\n", argv
 
 
 def test_user_errors_are_one_line_with_exit_code_2(tiny_model, legacy_adapter, pairs, tmp_path, capsys):
@@ -148,25 +151,37 @@ def test_batch_resumes_after_a_cut_line_without_duplicates(tiny_model, folders, 
     assert code == 0 and "0 to describe" in err and len(read_jsonl(output)) == len(keys)
 
 
-def test_batch_killed_mid_run_loses_and_duplicates_nothing(tiny_model, tmp_path):
+#: Runs ``idc-lite batch`` and kills its own process (SIGKILL: nothing is flushed or cleaned up) when it is
+#: about to write result number ``IDC_KILL_AT``: the kill lands at one known point, whatever the machine's speed.
+KILLED_BATCH = """
+import os, signal, sys
+from idc_lite import results_io
+from idc_lite.cli import main
+
+write, written = results_io.ResultsFile.write, []
+def write_until_killed(self, record):
+    if len(written) == int(os.environ["IDC_KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    written.append(record["id"])
+    return write(self, record)
+results_io.ResultsFile.write = write_until_killed
+main(sys.argv[1:])
+"""
+
+
+def test_batch_killed_mid_run_loses_and_duplicates_nothing(tiny_model, tmp_path, capsys):
     before, after = tmp_path / "before", tmp_path / "after"
-    pairs = random_pairs(40, seed=8)
+    pairs = random_pairs(8, seed=8)
     for i, pair in enumerate(pairs):
         write_pair(before, after, f"p{i:02d}", pair)
     output = tmp_path / "results.jsonl"
-    argv = [sys.executable, "-m", "idc_lite", "batch", before, after, "-o", output, "-m", tiny_model,
-            "--batch-size", "1", "--max-new-tokens", "30"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([str(a) for a in argv], env=env, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and (not output.exists() or output.read_text().count("\n") < 3):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    written = output.read_text().count("\n")
-    assert 3 <= written < len(pairs), "the kill should land mid-run"
-    done = subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    argv = ["batch", before, after, "-o", output, "-m", tiny_model, "--batch-size", "1", *TOKENS]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "IDC_KILL_AT": "3"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_BATCH, *map(str, argv)], env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [r["id"] for r in read_jsonl(output)] == ["p00", "p01", "p02"]  # each record was on disk when written
+    code, _, err = run(argv, capsys)
+    assert code == 0 and "3 already in" in err and "5 to describe" in err
     ids = [r["id"] for r in read_jsonl(output)]
     assert sorted(ids) == [f"p{i:02d}" for i in range(len(pairs))]
 
@@ -247,3 +262,180 @@ def test_auto_device_without_a_gpu_driver_is_settled_without_torch():
         assert device.startswith("cuda") or imported == "True"  # torch decides where there is a driver
     else:
         assert (device, imported) == ("cpu", "False")
+
+
+# --- options that reach the model, formats, failures mid-run ------------------------------------
+
+
+def different_size_pairs(n: int) -> list[tuple]:
+    """Pairs whose after image is smaller than the before image, so the size policies compose them differently."""
+    return [(before, after[: len(after) * 2 // 3, : after.shape[1] * 3 // 4]) for before, after in random_pairs(n, seed=9)]
+
+
+def test_size_policy_reaches_the_composition(tiny_model, tmp_path, capsys):
+    from idc_lite import Captioner, CompositionSettings
+
+    by_policy = {policy: Captioner(tiny_model, composition=CompositionSettings(size_policy=policy))
+                 for policy in ("smallest", "after")}
+    pairs = different_size_pairs(8)
+    captions = {policy: [c.describe(*pair).caption for pair in pairs] for policy, c in by_policy.items()}
+    differ = [i for i, (a, b) in enumerate(zip(captions["smallest"], captions["after"])) if a != b]
+    assert differ, "no pair is captioned differently under the two policies: the check would pass without the option"
+    write_pair(tmp_path, tmp_path / "after", "x", pairs[differ[0]])
+    before, after = tmp_path / "x.png", tmp_path / "after" / "x.png"
+    for policy in ("smallest", "after"):
+        code, out, _ = run(["describe", before, after, "-m", tiny_model, "--size-policy", policy, *TOKENS], capsys)
+        assert code == 0 and out == captions[policy][differ[0]] + "\n", policy
+    code, out, err = run(["describe", before, after, "-m", tiny_model, "--size-policy", "strict"], capsys)
+    assert code == 2 and out == "" and "the size policy is 'strict'" in err and str(after) in err
+    code, _, err = run(["describe", before, after, "-m", tiny_model, "--size-policy", "largest"], capsys)
+    assert code == 2 and "size_policy must be one of" in err
+
+
+def test_strict_size_policy_in_batch_records_each_pair_that_differs(tiny_model, folders, reference, capsys):
+    before, after, keys = folders
+    small = different_size_pairs(1)[0][1]
+    Image.fromarray(small).save(after / "sub" / "c.png")  # one pair whose sizes differ
+    output = before.parent / "results.jsonl"
+    code, _, err = run(["batch", before, after, "-o", output, "-m", tiny_model, "--size-policy", "strict", *TOKENS],
+                       capsys)
+    records = {r["id"]: r for r in read_jsonl(output)}
+    assert code == 1 and sorted(records) == sorted(keys) and "1 failed" in err
+    assert records["sub/c"]["caption"] is None and "the size policy is 'strict'" in records["sub/c"]["error"]
+    for key in set(keys) - {"sub/c"}:
+        assert records[key]["caption"] == reference.describe(records[key]["before"], records[key]["after"]).caption
+
+
+def test_the_cli_keeps_the_size_policy_an_artifact_records(artifact, tmp_path, capsys):
+    recorded = tmp_path / "strict-artifact"
+    shutil.copytree(artifact, recorded)
+    manifest = json.loads((recorded / "manifest.json").read_text())
+    manifest["composition"]["size_policy"] = "strict"
+    (recorded / "manifest.json").write_text(json.dumps(manifest))
+    write_pair(tmp_path, tmp_path / "after", "x", different_size_pairs(1)[0])
+    code, _, err = run(["describe", tmp_path / "x.png", tmp_path / "after" / "x.png", "-m", recorded], capsys)
+    assert code == 2 and "the size policy is 'strict'" in err
+
+
+def test_csv_output_under_any_name_resumes_after_a_cut_line(tiny_model, folders, capsys):
+    before, after, keys = folders
+    output = before.parent / "results.txt"
+    assert run(["batch", before, after, "-o", output, "-m", tiny_model, "--format", "csv", *TOKENS], capsys)[0] == 0
+    full = output.read_text(encoding="utf-8")
+    rows = list(csv.DictReader(full.splitlines()))
+    assert full.startswith("id,before,after,caption,error,") and sorted(r["id"] for r in rows) == sorted(keys)
+    lines = full.splitlines(keepends=True)
+    output.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2], encoding="utf-8")  # killed in row 3
+    code, _, err = run(["batch", before, after, "-o", output, "-m", tiny_model, "--format", "csv", *TOKENS], capsys)
+    assert code == 0 and "2 already in" in err and "3 to describe" in err
+    resumed = list(csv.DictReader(output.read_text(encoding="utf-8").splitlines()))
+    assert sorted((r["id"], r["caption"]) for r in resumed) == sorted((r["id"], r["caption"]) for r in rows)
+
+
+def test_a_model_error_mid_batch_is_recorded_for_each_pair_of_that_batch(tiny_model, folders, capsys, monkeypatch):
+    from idc_lite.backends.reference import ReferenceBackend
+
+    calls = []
+    real = ReferenceBackend.generate
+
+    def fails_second(self, pixels, settings):  # the model itself fails on the second batch (as out of memory would)
+        calls.append(len(pixels))
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real(self, pixels, settings)
+
+    monkeypatch.setattr(ReferenceBackend, "generate", fails_second)
+    before, after, keys = folders
+    output = before.parent / "results.jsonl"
+    code, _, err = run(["batch", before, after, "-o", output, "-m", tiny_model, "--batch-size", "2", *TOKENS], capsys)
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    failed = [r["id"] for r in records if r["error"]]
+    assert code == 1 and calls == [2, 2, 1] and len(records) == len(keys) and "2 failed" in err
+    assert failed == [r["id"] for r in records[2:4]] and all(r["caption"] is None for r in records[2:4])
+    assert all("model failed on this batch (RuntimeError: CUDA out of memory)" in r["error"] for r in records[2:4])
+    assert all(r["caption"] for r in records if not r["error"])
+    code, _, err = run(["batch", before, after, "-o", output, "-m", tiny_model, "--retry-failed", *TOKENS], capsys)
+    assert code == 0 and "2 to describe" in err and not any(r["error"] for r in read_jsonl(output))
+
+
+@pytest.mark.parametrize("command", ["batch", "eval"])
+def test_ctrl_c_keeps_what_is_done_and_exits_130(command, tiny_model, folders, tmp_path, capsys, monkeypatch):
+    from idc_lite import Captioner
+
+    real = Captioner.describe_batch
+
+    def interrupted_after_two(self, pairs, *args, **kwargs):  # Ctrl-C arrives while the third pair is described
+        for index, result in enumerate(real(self, pairs, *args, **kwargs)):
+            if index == 2:
+                raise KeyboardInterrupt
+            yield result
+
+    monkeypatch.setattr(Captioner, "describe_batch", interrupted_after_two)
+    if command == "batch":
+        before, after, _ = folders
+        output = tmp_path / "results.jsonl"
+        argv = ["batch", before, after, "-o", output, "-m", tiny_model, "--batch-size", "1", *TOKENS]
+    else:
+        from idc_lite.tools.synth import write_dataset
+
+        data = write_dataset(tmp_path / "data", n=5, split="test")
+        output = tmp_path / "r.predictions.jsonl"
+        argv = ["eval", data, "-m", tiny_model, "-o", tmp_path / "r.json", "--no-meteor", "--batch-size", "1", *TOKENS]
+    code, _, err = run(argv, capsys)
+    assert code == 130 and "interrupted" in err and "run again to resume" in err
+    assert len(read_jsonl(output)) == 2
+    monkeypatch.setattr(Captioner, "describe_batch", real)
+    code, _, err = run(argv, capsys)
+    assert code == 0 and len(read_jsonl(output)) == 5
+
+
+def test_threads_reach_the_onnx_runtime_sessions(artifact, pairs, tmp_path, capsys, monkeypatch):
+    import idc_lite.backends.lite as lite
+
+    opened = []
+    real = lite.open_session
+    monkeypatch.setattr(lite, "open_session", lambda *args, **kwargs: opened.append(real(*args, **kwargs)) or opened[-1])
+    write_pair(tmp_path, tmp_path / "after", "x", pairs[0])
+    for threads in ("1", "2"):
+        code, out, _ = run(["describe", tmp_path / "x.png", tmp_path / "after" / "x.png", "-m", artifact,
+                            "--threads", threads, *TOKENS], capsys)
+        assert code == 0 and out.strip()
+        assert opened[-1].get_session_options().intra_op_num_threads == int(threads)
+    code, _, err = run(["describe", tmp_path / "x.png", tmp_path / "after" / "x.png", "--threads", "0"], capsys)
+    assert code == 2 and "--threads" in err
+
+
+def test_dtype_reaches_the_reference_backend(tiny_model, pairs, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from idc_lite.backends.reference import ReferenceBackend
+
+    built = []
+    real = ReferenceBackend.__init__
+    monkeypatch.setattr(ReferenceBackend, "__init__", lambda self, *a, **k: built.append(self) or real(self, *a, **k))
+    write_pair(tmp_path, tmp_path / "after", "x", pairs[0])
+    code, out, _ = run(["describe", tmp_path / "x.png", tmp_path / "after" / "x.png", "-m", tiny_model,
+                        "--dtype", "bf16", *TOKENS], capsys)
+    assert code == 0 and out.strip() and built[-1].net.dtype == torch.bfloat16
+    code, _, err = run(["describe", tmp_path / "x.png", tmp_path / "after" / "x.png", "-m", tiny_model,
+                        "--dtype", "fp64"], capsys)
+    assert code == 2 and "--dtype must be one of" in err
+
+
+def test_revision_picks_a_snapshot_of_the_hub_cache(tiny_model, reference, pairs, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-blip2"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    write_pair(tmp_path, tmp_path / "after", "x", pairs[0])
+    before, after = tmp_path / "x.png", tmp_path / "after" / "x.png"
+    code, out, _ = run(["describe", before, after, "-m", "acme/tiny-blip2", "--revision", commit, "--json", *TOKENS],
+                       capsys)
+    record = json.loads(out)
+    assert code == 0 and record["model"] == "acme/tiny-blip2" and record["caption"] == reference.describe(before, after).caption
+    code, _, err = run(["describe", before, after, "-m", "acme/tiny-blip2", "--revision", "v2"], capsys)
+    assert code == 2 and "acme/tiny-blip2@v2: not in the local hub cache" in err

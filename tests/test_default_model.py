@@ -39,10 +39,25 @@ def test_no_model_means_the_embedded_artifact(default):
     assert default.backend.decoder_name == "ort-int4"
 
 
+#: Runs ``idc-lite`` with every network connection and name lookup refused (Python's audit hooks see them all).
+WITHOUT_NETWORK = """
+import sys
+
+def refuse(event, args):
+    if event in ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex"):
+        raise OSError(f"network access in an offline run: {event} {args}")
+
+sys.addaudithook(refuse)
+from idc_lite.cli import main
+main(sys.argv[1:])
+"""
+
+
 def test_the_cli_describes_the_readme_example_offline():
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}  # no offline switch either
     done = subprocess.run(
-        [sys.executable, "-m", "idc_lite", "describe", str(EXAMPLES / "before" / "add.png"), str(EXAMPLES / "after" / "add.png")],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [sys.executable, "-c", WITHOUT_NETWORK, "describe", str(EXAMPLES / "before" / "add.png"),
+         str(EXAMPLES / "after" / "add.png")], capture_output=True, text=True, env=env,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() and "idc-lite-demo, the embedded default" in done.stderr
@@ -52,16 +67,17 @@ def test_captions_say_what_kind_of_change_happened(default):
     """On unseen test-split pairs, captions use the words of the right change category far above chance.
 
     Chance is 1/9 per category; a decoder that ignored the picture would repeat one phrasing (e.g.
-    "... moved to the lower right") and score about 0.11. The shipped model scores 0.47 here (it
-    misses `add` and `none`, see README "The embedded default model"): 0.4 catches a broken encoder
-    or decoder path without asking more than the model does.
+    "... moved to the lower right") and score about 0.11. The shipped model misses `add` and `none`
+    (README "The embedded default model"), and its two int4 decoders, different roundings of the
+    same weights, score within a few pairs of each other here: the floor of 0.35, three times
+    chance, catches a broken encoder or decoder path and leaves room for any CPU's rounding.
     """
     from idc_lite.tools.synth import CATEGORIES, generate_pair
 
-    pairs = [generate_pair(i, seed=0, split="test") for i in range(5000, 5000 + 4 * len(CATEGORIES))]
+    pairs = [generate_pair(i, seed=0, split="test") for i in range(5000, 5000 + 16 * len(CATEGORIES))]
     results = list(default.describe_batch([(p.before, p.after) for p in pairs], batch_size=12))
     right = [any(w in r.caption for w in CATEGORY_WORDS[p.category]) for p, r in zip(pairs, results)]
-    assert sum(right) / len(right) >= 0.4, [(p.category, r.caption) for p, r, ok in zip(pairs, results, right) if not ok]
+    assert sum(right) / len(right) >= 0.35, [(p.category, r.caption) for p, r, ok in zip(pairs, results, right) if not ok]
 
 
 def test_a_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path):

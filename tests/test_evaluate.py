@@ -157,3 +157,31 @@ def test_meteor_is_scored_when_java_is_there(reference, dataset, full_run, tmp_p
     assert isinstance(report["overall"]["METEOR"], float) and 0 <= report["overall"]["METEOR"] <= 1
     assert all(isinstance(s["METEOR"], float) for s in report["per_category"].values())
     assert "n/a" not in format_tables(report)
+
+
+def test_limit_predictions_format_and_image_dir_reach_the_run(tiny_model, tmp_path, capsys):
+    """A Spot-the-Diff file whose images are elsewhere: --image-dir finds them, --format picks the reader,
+    --limit cuts the run, --predictions says where the predictions go."""
+    from PIL import Image
+
+    from conftest import random_pairs
+
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for number, (before, after) in enumerate(random_pairs(3, seed=6), start=1):
+        Image.fromarray(before).save(pictures / f"{number}.png")
+        Image.fromarray(after).save(pictures / f"{number}_2.png")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"img_id": str(n), "sentences": ["a red circle was added"]} for n in (1, 2, 3)]))
+    predictions, report_path = tmp_path / "out" / "mine.jsonl", tmp_path / "out" / "report.json"
+    argv = ["eval", data, "-m", tiny_model, "-o", report_path, *CLI_OPTIONS]
+    code, _, err = run([*argv, "--format", "spot-the-diff"], capsys)  # the images are not next to the data
+    assert code == 2 and f"before image not found: {tmp_path / '1.png'}" in err
+    code, _, err = run([*argv, "--format", "ier", "--image-dir", pictures], capsys)
+    assert code == 2 and "item 0: missing key 'uid'" in err  # read as IER
+    code, _, err = run([*argv, "--format", "spot-the-diff", "--image-dir", pictures, "--limit", "2",
+                        "--predictions", predictions], capsys)
+    report = json.loads(report_path.read_text())
+    assert code == 0 and (report["n"], report["limit"], report["scored"]) == (2, 2, 2)
+    assert [line["id"] for line in read_predictions(predictions)] == ["1", "2"]
+    assert str(predictions) in err and not (tmp_path / "out" / "report.predictions.jsonl").exists()

@@ -24,45 +24,28 @@ from idc_lite.errors import ArtifactError
 GEN = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
 
 
-@pytest.fixture(scope="session")
-def artifact_fp32(tiny_model, legacy_adapter, tmp_path_factory):
-    return build_artifact(tiny_model, tmp_path_factory.mktemp("artifacts") / "fp32", legacy_adapter,
-                          decoder_precision="fp32")
-
-
-@pytest.fixture(scope="session")
-def artifact_int4(tiny_model, legacy_adapter, tmp_path_factory):
-    return build_artifact(tiny_model, tmp_path_factory.mktemp("artifacts") / "int4", legacy_adapter)
-
-
-@pytest.fixture(scope="session")
-def adapted(tiny_model, legacy_adapter):
-    """The reference backend with the adapter, unmerged: BLIP2IDC as it was trained."""
-    return Captioner(tiny_model, legacy_adapter, generation=GEN)
-
-
 def captions(captioner, pairs, batch_size=1):
     return [r.caption for r in captioner.describe_batch(pairs, batch_size=batch_size, generation=GEN)]
 
 
-def test_fp32_artifact_is_token_identical_to_the_reference(artifact_fp32, adapted, pairs):
-    lite = Captioner(artifact_fp32)
+def test_fp32_artifact_is_token_identical_to_the_reference(artifact, adapted, pairs):
+    lite = Captioner(artifact, decoder="torch-fp32")
     assert lite.backend.name == "lite" and lite.backend.decoder_name == "torch-fp32"
     pixels = compose_batch(pairs, processor=lite.backend.processor)
     assert lite.backend.generate(pixels, GEN) == adapted.backend.generate(pixels, GEN)
     assert captions(lite, pairs, batch_size=4) == captions(adapted, pairs)
 
 
-def test_prompt_and_beams_match_the_reference(artifact_fp32, adapted, pairs):
-    lite = Captioner(artifact_fp32)
+def test_prompt_and_beams_match_the_reference(artifact, adapted, pairs):
+    lite = Captioner(artifact, decoder="torch-fp32")
     pixels = compose_batch(pairs, processor=lite.backend.processor)
     for settings in (GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, num_beams=3),
                      GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, prompt="the red circle")):
         assert lite.backend.generate(pixels, settings) == adapted.backend.generate(pixels, settings)
 
 
-def test_onnx_encoder_matches_torch(artifact_fp32, tiny_model, legacy_adapter, pairs):
-    lite = Captioner(artifact_fp32).backend
+def test_onnx_encoder_matches_torch(artifact, tiny_model, legacy_adapter, pairs):
+    lite = Captioner(artifact).backend
     merged = Captioner(tiny_model, legacy_adapter, merge_adapter=True).backend
     pixels = compose_batch(pairs, processor=lite.processor)
     with torch.inference_mode():
@@ -71,14 +54,14 @@ def test_onnx_encoder_matches_torch(artifact_fp32, tiny_model, legacy_adapter, p
     atol, rtol = TOLERANCES["fp32"]
     assert got.shape == expected.shape == (len(pairs), merged.tokens.num_query_tokens, 64)
     assert np.abs(got - expected).max() <= atol + rtol * np.abs(expected).max()
-    validation = load_manifest(artifact_fp32).encoder.validation
+    validation = load_manifest(artifact).encoder.validation
     assert validation["max_abs_diff"] <= validation["tolerance"] and validation["inputs_checked"] >= 3
 
 
-def test_int4_decoder_logits_stay_close_to_fp32(artifact_fp32, artifact_int4, adapted, pairs, record_property):
+def test_int4_decoder_logits_stay_close_to_fp32(artifact, artifact_int4, adapted, pairs, record_property):
     lite = Captioner(artifact_int4, decoder="bnb-int4")
     assert lite.backend.decoder_name == "bnb-int4"
-    full = load_torch_decoder(artifact_fp32 / "decoder", "torch-fp32", "cpu")
+    full = load_torch_decoder(artifact / "decoder", "torch-fp32", "cpu")
     quantized = lite.backend.decoder
     assert any(type(m).__name__ == "Linear4bit" for m in quantized.modules())
     pixels = compose_batch(random_pairs(16, seed=3), processor=lite.backend.processor)
@@ -89,14 +72,16 @@ def test_int4_decoder_logits_stay_close_to_fp32(artifact_fp32, artifact_int4, ad
         b = quantized(inputs_embeds=inputs_embeds(quantized, query, prefix)).logits[:, -1]
     cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     assert cosine.min() >= 0.99, cosine
+    # int4 moves the first token's logits by about a hundredth of their spread and the tiny model keeps
+    # every later token by several logits (idc_lite.tools.modelgen): all but a near-tie keep the reference's caption.
     same = np.mean([x == y for x, y in zip(captions(lite, pairs), captions(adapted, pairs))])
     record_property("int4_identical_captions", same)
-    print(f"int4 vs reference: min logits cosine {cosine.min():.4f}, identical captions {same:.0%}")
+    assert same >= 0.7, f"{same:.0%} of the captions are the reference's"
 
 
-@pytest.mark.parametrize("which", ["artifact_fp32", "artifact_int4"])
-def test_lite_batch_equals_one_by_one(which, request, pairs):
-    lite = Captioner(request.getfixturevalue(which))
+@pytest.mark.parametrize("decoder", ["torch-fp32", "bnb-int4"])
+def test_lite_batch_equals_one_by_one(decoder, artifact, artifact_int4, pairs):
+    lite = Captioner(artifact if decoder == "torch-fp32" else artifact_int4, decoder=decoder)
     assert captions(lite, pairs, batch_size=len(pairs)) == captions(lite, pairs)
 
 
@@ -170,9 +155,9 @@ def test_artifact_refuses_an_extra_adapter_and_unknown_decoders(artifact_int4, l
         Captioner(artifact_int4, decoder="ort-fp32")
 
 
-def test_encoder_validation_raises_typed_errors(artifact_fp32, tiny_model, monkeypatch):
+def test_encoder_validation_raises_typed_errors(artifact, tiny_model, monkeypatch):
     module = QueryEncoder(Captioner(tiny_model).backend.net).eval()
-    path = artifact_fp32 / "encoder.onnx"
+    path = artifact / "encoder.onnx"
     monkeypatch.setitem(TOLERANCES, "fp32", (0.0, 0.0))
     with pytest.raises(AtolError, match="exceeds the fp32 tolerance"):
         validate_encoder(module, path, "fp32", 32)  # the un-adapted model differs from the merged graph
@@ -187,62 +172,81 @@ def test_encoder_validation_raises_typed_errors(artifact_fp32, tiny_model, monke
 
 
 def test_a_decoder_that_quantizes_badly_fails_the_build(tmp_path):
-    """A random (untrained) decoder loses too much in int4: the export says so and leaves nothing."""
+    """A random decoder at fifty times BLIP-2's weight scale (sharp attention that int4's rounding moves)
+    loses too much in int4: the export says so and leaves nothing."""
     from idc_lite.tools.modelgen import build_tiny_model
 
-    random_decoder = build_tiny_model(tmp_path / "random", decoder_steps=0)
+    random_decoder = build_tiny_model(tmp_path / "random", decoder="random", text_init_std=1.0)
     out = tmp_path / "artifact"
-    with pytest.raises(QuantizationError, match=r"bnb-int4 logits cosine similarity 0\.9\d+ < 0.99"):
+    with pytest.raises(QuantizationError, match=r"bnb-int4 logits cosine similarity 0\.\d{4} < 0.99$") as raised:
         build_artifact(random_decoder, out)
+    assert float(str(raised.value).split("similarity ")[1].split()[0]) < 0.98  # far below, not at the edge
     assert not out.exists() and not (tmp_path / "artifact.partial").exists()
+
+
+def assert_encoder_close(artifact, tiny_model, pairs, min_cosine):
+    """The artifact's encoder gives the test pairs query embeddings within ``min_cosine`` of torch's, and its
+    captions are the fp32 decoder's on those embeddings (the runtime feeds the quantized encoder's output on)."""
+    from export.graph_ops import min_cosine as cosine_of
+
+    lite = Captioner(artifact).backend
+    pixels = compose_batch(pairs, processor=lite.processor)
+    with torch.inference_mode():
+        expected = QueryEncoder(Captioner(tiny_model).backend.net).eval()(torch.from_numpy(pixels)).numpy()
+    query = lite.encode(pixels)
+    assert cosine_of(query, expected) >= min_cosine
+    full = load_torch_decoder(artifact / "decoder", "torch-fp32", "cpu")
+    with torch.inference_mode():
+        embeds = inputs_embeds(full, torch.from_numpy(query), prefix_ids(lite.tokenizer, lite.tokens, None))
+        first = full(inputs_embeds=embeds).logits[:, -1].argmax(-1).tolist()
+    assert [ids[0] for ids in lite.generate(pixels, GEN)] == first
 
 
 def test_fp16_encoder_export(tiny_model, tmp_path, pairs):
     artifact = build_artifact(tiny_model, tmp_path / "fp16", encoder_precision="fp16", decoder_precision="fp32")
     encoder = load_manifest(artifact).encoder
-    assert encoder["precision"] == "fp16" and encoder["validation"]["max_abs_diff"] <= encoder["validation"]["tolerance"]
+    assert encoder.precision == "fp16" and encoder.validation["max_abs_diff"] <= encoder.validation["tolerance"]
     import onnx
 
     graph = onnx.load(str(artifact / "encoder.onnx"))
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.graph.initializer)
-    assert Captioner(artifact).describe(*pairs[0]).ok
+    assert_encoder_close(artifact, tiny_model, pairs, min_cosine=0.999)
 
 
-def test_int8_encoder_export(tiny_model, artifact_fp32, tmp_path, pairs, monkeypatch):
+def test_int8_encoder_export(tiny_model, artifact, tmp_path, pairs, monkeypatch):
     import onnx
 
     from export import encoder as encoder_export
     from idc_lite.model_info import describe_model
 
-    artifact = build_artifact(tiny_model, tmp_path / "int8", encoder_precision="int8", decoder_precision="fp32")
-    manifest = load_manifest(artifact)
+    int8 = build_artifact(tiny_model, tmp_path / "int8", encoder_precision="int8", decoder_precision="fp32")
+    manifest = load_manifest(int8)
     encoder = manifest.encoder
-    assert encoder["precision"] == "int8" and encoder["quantization"]["method"] == "onnxruntime-dynamic"
-    assert 0.98 <= encoder["validation"]["cosine_min"] <= 1 and encoder["validation"]["threshold"] == 0.98
-    ops = {node.op_type for node in onnx.load(str(artifact / "encoder.onnx")).graph.node}
+    assert encoder.precision == "int8" and encoder.quantization["method"] == "onnxruntime-dynamic"
+    assert 0.98 <= encoder.validation["cosine_min"] <= 1 and encoder.validation["threshold"] == 0.98
+    ops = {node.op_type for node in onnx.load(str(int8 / "encoder.onnx")).graph.node}
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
     assert not [f for f in manifest.data["files"] if "fp32" in f]  # the fp32 graph it came from is gone
     def encoder_bytes(folder):  # the graph and its external-data file
         return sum(f.stat().st_size for f in folder.glob("encoder.onnx*"))
 
-    assert (artifact / "encoder.onnx.data").is_file()
+    assert (int8 / "encoder.onnx.data").is_file()
     # Weights at a quarter of fp32's; the tiny graph's own structure keeps the files above a quarter.
-    assert encoder_bytes(artifact) < 0.7 * encoder_bytes(artifact_fp32)
-    assert "query-embedding cosine" in describe_model(artifact, "cpu")["summary"]["encoder"]
-    # The tiny model's captions hang on near-ties, so the caption-level check is the demo model's (README).
-    assert all(result.ok for result in Captioner(artifact).describe_batch(pairs))
+    assert encoder_bytes(int8) < 0.7 * encoder_bytes(artifact)
+    assert "query-embedding cosine" in describe_model(int8, "cpu")["summary"]["encoder"]
+    assert_encoder_close(int8, tiny_model, pairs, min_cosine=0.98)
 
     module = QueryEncoder(Captioner(tiny_model).backend.net).eval()
     monkeypatch.setitem(encoder_export.MIN_COSINE, "int8", 1.01)
     with pytest.raises(QuantizationError, match=r"int8 encoder: query-embedding cosine similarity 0\.\d+ < 1.01"):
-        validate_encoder(module, artifact / "encoder.onnx", "int8", 32)
-    recorded = validate_encoder(module, artifact / "encoder.onnx", "int8", 32, enforce=False).as_dict()["validation"]
+        validate_encoder(module, int8 / "encoder.onnx", "int8", 32)
+    recorded = validate_encoder(module, int8 / "encoder.onnx", "int8", 32, enforce=False).as_dict()["validation"]
     assert recorded["enforced"] is False and recorded["cosine_min"] < recorded["threshold"] == 1.01
 
 
-def test_existing_output_needs_force(tiny_model, artifact_fp32, tmp_path):
+def test_existing_output_needs_force(tiny_model, artifact, tmp_path):
     with pytest.raises(ExportError, match="already exists; use --force"):
-        build_artifact(tiny_model, artifact_fp32)
+        build_artifact(tiny_model, artifact)
 
 
 def test_cli_runs_artifacts_and_reports_on_them(artifact_int4, pairs, tmp_path, capsys):
@@ -274,6 +278,13 @@ def test_cli_runs_artifacts_and_reports_on_them(artifact_int4, pairs, tmp_path, 
     assert info.value.code == 2 and "not a model directory" in capsys.readouterr().err
 
 
+def test_a_cosine_below_its_threshold_never_reads_as_the_threshold():
+    from export.graph_ops import cosine_text
+
+    assert cosine_text(0.99997) == "0.9999" and cosine_text(0.98999) == "0.9899" and cosine_text(0.5) == "0.5000"
+    assert cosine_text(1.0) == "1.0000"
+
+
 def test_encoder_cosine_treats_zero_outputs_as_the_values_they_are():
     from export.graph_ops import min_cosine as _cosine_min
 
@@ -295,9 +306,9 @@ def test_int4_encoder_export(tiny_model, tmp_path, pairs):
     artifact = build_artifact(tiny_model, tmp_path / "int4", encoder_precision="int4", decoder_precision="fp32",
                               enforce_encoder_check=False)
     encoder = load_manifest(artifact).encoder
-    assert encoder["precision"] == "int4" and encoder["quantization"]["method"] == "onnxruntime-matmulnbits"
-    assert encoder["quantization"]["block_size"] == 32
-    validation = encoder["validation"]
+    assert encoder.precision == "int4" and encoder.quantization["method"] == "onnxruntime-matmulnbits"
+    assert encoder.quantization["block_size"] == 32
+    validation = encoder.validation
     assert validation["enforced"] is False and 0 < validation["cosine_min"] < validation["threshold"] == 0.98
     graph = onnx.load(str(artifact / "encoder.onnx")).graph
     weights = {init.name for init in graph.initializer}
@@ -306,7 +317,7 @@ def test_int4_encoder_export(tiny_model, tmp_path, pairs):
     assert not [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 in and out, for the runtime
     assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert all(result.ok for result in Captioner(artifact).describe_batch(pairs))
+    assert_encoder_close(artifact, tiny_model, pairs, min_cosine=0.5)
 
 
 def test_an_export_the_disk_cannot_hold_stops_before_reading_weights(tiny_model, legacy_adapter, tmp_path,
@@ -431,7 +442,7 @@ def test_a_full_temporary_folder_is_named_as_the_full_disk(tmp_path, monkeypatch
     assert disk_full_error(tmp_path, ValueError("not a disk problem")) is None  # room on both disks
 
 
-def test_big_encoders_are_exported_in_a_process_of_their_own(tiny_model, legacy_adapter, artifact_fp32, pairs,
+def test_big_encoders_are_exported_in_a_process_of_their_own(tiny_model, legacy_adapter, artifact, pairs,
                                                               tmp_path, monkeypatch):
     """What a big encoder's export leaves allocated goes with its process; the artifact is the same, and
     the child's errors reach the caller as the typed errors they are."""
@@ -445,9 +456,9 @@ def test_big_encoders_are_exported_in_a_process_of_their_own(tiny_model, legacy_
     monkeypatch.setattr(build_module, "_in_child", lambda function, *args: spawned.append(function.__name__)
                         or in_child(function, *args))
     monkeypatch.setattr(build_module, "ENCODER_CHILD_PARAMETERS", 0)
-    artifact = build_artifact(tiny_model, tmp_path / "child", legacy_adapter, decoder_precision="fp32")
+    child = build_artifact(tiny_model, tmp_path / "child", legacy_adapter, decoder_precision="fp32")
     assert spawned == ["_encoder_stage"]
-    assert captions(Captioner(artifact), pairs) == captions(Captioner(artifact_fp32), pairs)
+    assert captions(Captioner(child), pairs) == captions(Captioner(artifact, decoder="torch-fp32"), pairs)
 
     error = pickle.loads(pickle.dumps(QuantizationError(tmp_path / "x.onnx", "cosine 0.5 < 0.98")))
     assert type(error) is QuantizationError and str(error) == f"{tmp_path / 'x.onnx'}: cosine 0.5 < 0.98"

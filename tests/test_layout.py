@@ -148,7 +148,7 @@ def test_bnb_int4_refuses_widths_bitsandbytes_cannot_pack_before_any_export(tmp_
     from export.errors import ExportError
     from idc_lite.tools.modelgen import build_tiny_model
 
-    model = build_tiny_model(tmp_path / "w40", hidden=40, decoder_steps=0)
+    model = build_tiny_model(tmp_path / "w40", hidden=40, decoder="random")
     with pytest.raises(ExportError, match=r"bnb-int4 needs layer widths that are multiples of 32.*40.*ort-int4"):
         build_artifact(str(model), tmp_path / "artifact", decoders=("bnb-int4",))
     assert not (tmp_path / "artifact").exists() and not (tmp_path / "artifact.partial").exists()

@@ -195,6 +195,26 @@ def test_tokenizer_equals_corenlp_jar():
         assert metrics.tokenize(text) == alone["x"][0], text
 
 
+def test_bleu_rouge_and_cider_equal_the_toolkits_scorers_without_java():
+    """BLEU, ROUGE-L and CIDEr-D need no Java: pycocoevalcap's own scorers, run on our PTB tokenization,
+    give exactly our numbers, overall and on each category subset (the tokenization itself is checked
+    against the jar when Java is there, and on known cases without it)."""
+    _, Bleu, _, Rouge, Cider = _toolkit()
+    subsets = {metrics.OVERALL: list(CORPUS)}
+    for key, category in CATEGORIES.items():
+        subsets.setdefault(category, []).append(key)
+    mine = metrics.score_by_category(PREDICTIONS, REFERENCES, CATEGORIES, meteor=False)
+    for name, ids in subsets.items():
+        gts = metrics.tokenize_corpus({key: REFERENCES[key] for key in ids})
+        res = metrics.tokenize_corpus({key: [PREDICTIONS[key]] for key in ids})
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        expected = {f"BLEU-{n}": value for n, value in enumerate(bleu, start=1)}
+        expected["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
+        expected["CIDEr"] = Cider().compute_score(gts, res)[0]
+        for metric, value in expected.items():
+            assert mine[name][metric] == pytest.approx(value, abs=1e-6), (name, metric)
+
+
 @pytest.mark.parametrize(("text", "expected"), KNOWN)
 def test_tokenize_known_cases(text, expected):
     assert metrics.tokenize(text) == expected

@@ -63,6 +63,24 @@ def test_captions_end_at_eos_or_the_token_limit(reference, pairs):
     assert ended and len(ended) < len(ids), "some captions end early, others run to the limit"
 
 
+def test_greedy_choices_win_by_a_margin_no_cpu_can_flip(reference, adapted, pairs):
+    """The premise of every exact caption comparison here: on the shared pairs each greedy token leads the
+    runner-up by far more than the last-bit differences between CPUs, thread counts and batch sizes
+    (about 1e-5 of these logits). After the first token the tiny model's chains lead by whole logits."""
+    for captioner in (reference, adapted):
+        backend = captioner.backend
+        pixels = torch.from_numpy(compose_batch(pairs, processor=backend.processor))
+        prefix = [backend.tokens.image_token_id] * backend.tokens.num_query_tokens + [backend.tokens.bos_token_id]
+        eos = backend.tokens.eos_token_ids[0]
+        for row, ids in enumerate(backend.generate(pixels.numpy(), GEN)):
+            ids = ids[: ids.index(eos) + 1] if eos in ids else ids  # the tokens chosen, then padding
+            with torch.inference_mode():
+                logits = backend.net(pixel_values=pixels[row:row + 1], input_ids=torch.tensor([prefix + ids])).logits
+            top = logits[0, len(prefix) - 1:len(prefix) - 1 + len(ids)].topk(2).values
+            gaps = (top[:, 0] - top[:, 1]).tolist()
+            assert gaps[0] > 2e-3 and min(gaps[1:], default=2.0) >= 2.0, (row, gaps)
+
+
 def test_prompt_changes_the_prefix_and_the_output(reference, pairs):
     prompted = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, prompt="the red circle")
     with_prompt = captions(reference, pairs, generation=prompted)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import shutil
 from collections import Counter
 
@@ -29,26 +28,13 @@ PROMPT = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, prompt="the red circl
 
 
 @pytest.fixture(scope="session")
-def artifact_ort(tiny_model, legacy_adapter, tmp_path_factory):
-    """torch-fp32 (the reference decoder) beside the ONNX Runtime decoders, in one artifact."""
-    return build_artifact(tiny_model, tmp_path_factory.mktemp("artifacts") / "ort", legacy_adapter,
-                          decoders=("torch-fp32", "ort-fp32", "ort-int4", "ort-int4-fp16"))
+def ort_fp32(artifact):
+    return Captioner(artifact, decoder="ort-fp32").backend
 
 
 @pytest.fixture(scope="session")
-def adapted(tiny_model, legacy_adapter):
-    """The reference backend with the adapter, unmerged: BLIP2IDC as it was trained."""
-    return Captioner(tiny_model, legacy_adapter, generation=GEN)
-
-
-@pytest.fixture(scope="session")
-def ort_fp32(artifact_ort):
-    return Captioner(artifact_ort, decoder="ort-fp32").backend
-
-
-@pytest.fixture(scope="session")
-def torch_fp32(artifact_ort):
-    return load_torch_decoder(artifact_ort / "decoder", "torch-fp32", "cpu")
+def torch_fp32(artifact):
+    return load_torch_decoder(artifact / "decoder", "torch-fp32", "cpu")
 
 
 def torch_generate(language_model, query: np.ndarray, prefix, settings, tokens) -> list[list[int]]:
@@ -63,7 +49,7 @@ def captions(captioner, pairs, settings=GEN, batch_size=1):
     return [r.caption for r in captioner.describe_batch(pairs, batch_size=batch_size, generation=settings)]
 
 
-def test_ort_fp32_is_token_identical_to_the_reference(artifact_ort, ort_fp32, adapted, pairs):
+def test_ort_fp32_is_token_identical_to_the_reference(artifact, ort_fp32, adapted, pairs):
     assert ort_fp32.decoder_name == "ort-fp32" and type(ort_fp32.decoder).__name__ == "OrtDecoder"
     pixels = compose_batch(pairs, processor=ort_fp32.processor)
     finished_early = 0
@@ -98,38 +84,46 @@ def test_stopping_rules_match_transformers(ort_fp32, torch_fp32, token_variants,
         assert ort_fp32.decoder.generate(query, prefix, settings, tokens) == expected, tokens
 
 
+def first_token(backend, torch_fp32):
+    """An ONNX Runtime decoder's first-token logits on 16 pairs, its cache after them, and the cosine similarity
+    of the logits to the fp32 torch decoder's."""
+    decoder = backend.decoder
+    query = backend.encode(compose_batch(random_pairs(16, seed=3), processor=backend.processor))
+    prefix = prefix_ids(backend.tokenizer, backend.tokens, None)
+    rows, total = len(query), query.shape[1] + len(prefix)
+    cache = decoder.new_cache(rows, total)
+    logits = decoder._step(query, np.tile(prefix, (rows, 1)), total, np.arange(rows), cache)
+    with torch.inference_mode():
+        expected = torch_fp32(inputs_embeds=inputs_embeds(torch_fp32, torch.from_numpy(query), prefix)).logits[:, -1]
+    return logits, cache, torch.nn.functional.cosine_similarity(torch.from_numpy(logits), expected, dim=-1)
+
+
 @pytest.mark.parametrize("name", ["ort-int4", "ort-int4-fp16"])
-def test_ort_int4_logits_stay_close_to_fp32(artifact_ort, torch_fp32, adapted, pairs, record_property, name):
-    lite = Captioner(artifact_ort, decoder=name)
+def test_ort_int4_logits_stay_close_to_fp32(artifact, torch_fp32, adapted, pairs, record_property, name):
+    lite = Captioner(artifact, decoder=name)
     decoder = lite.backend.decoder
-    entry = load_manifest(artifact_ort).decoders[name]
+    entry = load_manifest(artifact).decoders[name]
     assert entry.runtime == "onnxruntime" and entry.quantization["method"] == "onnxruntime-matmulnbits"
     import onnx
 
-    graph = onnx.load(str(artifact_ort / entry.dir / entry.graph))
+    graph = onnx.load(str(artifact / entry.dir / entry.graph))
     assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) == 6 * entry.shape.layers
-    pixels = compose_batch(random_pairs(16, seed=3), processor=lite.backend.processor)
-    query = lite.backend.encode(pixels)
-    prefix = prefix_ids(lite.backend.tokenizer, lite.backend.tokens, None)
-    rows = len(query)
-    cache = decoder.new_cache(rows, query.shape[1] + len(prefix))
-    logits = decoder._step(query, np.tile(prefix, (rows, 1)), query.shape[1] + len(prefix), np.arange(rows), cache)
+    logits, cache, cosine = first_token(lite.backend, torch_fp32)
+    assert cosine.min() >= 0.99, cosine
     # ort-int4-fp16 keeps its cache in fp16 (half the memory), the logits in fp32 for the search.
     half = name == "ort-int4-fp16"
     assert decoder.cache_dtype == (np.float16 if half else np.float32) and logits.dtype == np.float32
     assert {array.dtype for array in cache.arrays()} == {np.dtype(decoder.cache_dtype)}
-    with torch.inference_mode():
-        expected = torch_fp32(inputs_embeds=inputs_embeds(torch_fp32, torch.from_numpy(query), prefix)).logits[:, -1]
-    cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(logits), expected, dim=-1)
-    assert cosine.min() >= 0.99, cosine
+    # int4 moves the first token's logits by about a hundredth of their spread and the tiny model keeps
+    # every later token by several logits (idc_lite.tools.modelgen): all but a near-tie keep the reference's caption.
     same = np.mean([x == y for x, y in zip(captions(lite, pairs), captions(adapted, pairs))])
     record_property(f"{name}_identical_captions", same)
-    print(f"{name} vs reference: min logits cosine {cosine.min():.4f}, identical greedy captions {same:.0%}")
+    assert same >= 0.7, f"{name}: {same:.0%} of the captions are the reference's"
 
 
 @pytest.mark.parametrize("decoder", ["ort-fp32", "ort-int4", "ort-int4-fp16"])
-def test_batch_equals_one_by_one(artifact_ort, decoder, pairs):
-    lite = Captioner(artifact_ort, decoder=decoder)
+def test_batch_equals_one_by_one(artifact, decoder, pairs):
+    lite = Captioner(artifact, decoder=decoder)
     for settings in (GEN, BEAMS):
         assert captions(lite, pairs, settings, batch_size=len(pairs)) == captions(lite, pairs, settings)
 
@@ -200,9 +194,9 @@ def _cuda_available() -> bool:
 
 @pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU and onnxruntime-gpu")
 @pytest.mark.parametrize("name", ["ort-fp32", "ort-int4-fp16"])
-def test_cuda_keeps_the_cache_on_the_device(artifact_ort, ort_fp32, pairs, name):
-    cuda = Captioner(artifact_ort, device="cuda", decoder=name).backend
-    on_cpu = ort_fp32 if name == "ort-fp32" else Captioner(artifact_ort, device="cpu", decoder=name).backend
+def test_cuda_keeps_the_cache_on_the_device(artifact, ort_fp32, pairs, name):
+    cuda = Captioner(artifact, device="cuda", decoder=name).backend
+    on_cpu = ort_fp32 if name == "ort-fp32" else Captioner(artifact, device="cpu", decoder=name).backend
     decoder = cuda.decoder
     assert cuda.session.get_providers()[0] == "CUDAExecutionProvider"
     assert decoder.session.get_providers()[0] == "CUDAExecutionProvider" and decoder.device_type == "cuda"
@@ -231,7 +225,7 @@ def test_cuda_keeps_the_cache_on_the_device(artifact_ort, ort_fp32, pairs, name)
         assert len(got) == rows and len({len(row) for row in got}) == 1 and len(got[0]) <= MAX_NEW_TOKENS
 
 
-def test_cuda_options_and_a_cpu_fallback_is_said(artifact_ort, caplog):
+def test_cuda_options_and_a_cpu_fallback_is_said(artifact, caplog):
     import onnxruntime as ort
 
     from idc_lite.backends.sessions import CUDA_OPTIONS, open_session, session_providers as encoder_providers
@@ -243,25 +237,20 @@ def test_cuda_options_and_a_cpu_fallback_is_said(artifact_ort, caplog):
     else:
         assert encoder_providers("cuda:1")[0] == ("CUDAExecutionProvider", {"device_id": 1, **CUDA_OPTIONS})
     if _cuda_available():
-        session = open_session(artifact_ort / "encoder.onnx", "cuda")
+        session = open_session(artifact / "encoder.onnx", "cuda")
         assert session.get_providers()[0] == "CUDAExecutionProvider"
         return
     # No usable GPU: the session still opens, on the CPU, and says so rather than running slowly unannounced.
-    logger = logging.getLogger("idc_lite")  # the export CLI, run by other tests, stops it propagating
-    logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level("WARNING", logger="idc_lite"):
-            session = open_session(artifact_ort / "encoder.onnx", "cuda")
-    finally:
-        logger.removeHandler(caplog.handler)
+    with caplog.at_level("WARNING", logger="idc_lite"):
+        session = open_session(artifact / "encoder.onnx", "cuda")
     assert session.get_providers() == ["CPUExecutionProvider"]
     assert "encoder.onnx: runs on the CPU, not cuda" in caplog.text
 
 
-def test_cpu_sessions_skip_the_arena_and_encode_one_image_at_a_time(artifact_ort, pairs, monkeypatch):
+def test_cpu_sessions_skip_the_arena_and_encode_one_image_at_a_time(artifact, pairs, monkeypatch):
     from idc_lite.backends import lite
 
-    backend = Captioner(artifact_ort, device="cpu").backend
+    backend = Captioner(artifact, device="cpu").backend
     assert backend.session.get_session_options().enable_cpu_mem_arena is False
     pixels = compose_batch(pairs[:3], processor=backend.processor)
     runs = []
@@ -274,7 +263,7 @@ def test_cpu_sessions_skip_the_arena_and_encode_one_image_at_a_time(artifact_ort
     assert len(runs) == 4  # the whole batch in one run
 
 
-def test_cli_selects_the_ort_decoder(artifact_ort, pairs, tmp_path, capsys, monkeypatch):
+def test_cli_selects_the_ort_decoder(artifact, pairs, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     import idc_lite.backends.lite as lite
@@ -290,27 +279,27 @@ def test_cli_selects_the_ort_decoder(artifact_ort, pairs, tmp_path, capsys, monk
     Image.fromarray(pairs[0][0]).save(tmp_path / "b.png")
     Image.fromarray(pairs[0][1]).save(tmp_path / "a.png")
     with pytest.raises(SystemExit) as info:
-        main(["describe", str(tmp_path / "b.png"), str(tmp_path / "a.png"), "-m", str(artifact_ort), "--decoder", "ort-int4",
+        main(["describe", str(tmp_path / "b.png"), str(tmp_path / "a.png"), "-m", str(artifact), "--decoder", "ort-int4",
               "--json", "--max-new-tokens", str(MAX_NEW_TOKENS), "--threads", "1"])
     record = json.loads(capsys.readouterr().out)
     assert not info.value.code and record["backend"] == "lite" and opened == ["ort-int4"]
-    assert record["caption"] == Captioner(artifact_ort, decoder="ort-int4").describe(*pairs[0], GEN).caption
+    assert record["caption"] == Captioner(artifact, decoder="ort-int4").describe(*pairs[0], GEN).caption
     with pytest.raises(SystemExit) as info:
-        main(["info", str(artifact_ort), "--json"])
+        main(["info", str(artifact), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert not info.value.code and report["plan"]["decoder"] == "ort-int4"  # the CPU default when present
 
 
-def test_damaged_ort_decoder_is_caught_before_any_session(artifact_ort, tmp_path, monkeypatch):
+def test_damaged_ort_decoder_is_caught_before_any_session(artifact, tmp_path, monkeypatch):
     import idc_lite.backends.lite as lite
 
     def refuse(*args, **kwargs):
         raise AssertionError("a session or model was built from a damaged artifact")
 
-    for name in ("open_session", "load_torch_decoder", "load_ort_decoder"):
+    for name in ("open_session", "load_ort_decoder"):
         monkeypatch.setattr(lite, name, refuse)
     tampered = tmp_path / "tampered"
-    shutil.copytree(artifact_ort, tampered)
+    shutil.copytree(artifact, tampered)
     graph = tampered / "ort-int4" / "decoder.onnx"
     data = bytearray(graph.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -318,13 +307,13 @@ def test_damaged_ort_decoder_is_caught_before_any_session(artifact_ort, tmp_path
     with pytest.raises(ArtifactError, match="sha256 does not match"):
         Captioner(tampered, backend="lite", decoder="ort-int4")
     missing = tmp_path / "missing"
-    shutil.copytree(artifact_ort, missing)
+    shutil.copytree(artifact, missing)
     (missing / "ort-fp32" / "decoder.onnx").unlink()
     with pytest.raises(ArtifactError, match="missing from the artifact"):
         Captioner(missing, backend="lite", decoder="ort-fp32")
 
 
-def test_export_validation_raises_typed_errors(artifact_ort, tiny_model, ort_fp32, monkeypatch, tmp_path):
+def test_export_validation_raises_typed_errors(artifact, tiny_model, ort_fp32, monkeypatch, tmp_path):
     import export.ort_decoder as ort_export
     from export.ort_decoder import CachedDecoder, expected_outputs, validate_graph, validation_cases
 
@@ -332,7 +321,7 @@ def test_export_validation_raises_typed_errors(artifact_ort, tiny_model, ort_fp3
     module = CachedDecoder(plain).eval()
     query = torch.from_numpy(ort_fp32.encode(compose_batch(random_pairs(2), processor=ort_fp32.processor)))
     cases = validation_cases(module, query, [ort_fp32.tokens.bos_token_id])
-    graph = artifact_ort / "ort-fp32" / "decoder.onnx"
+    graph = artifact / "ort-fp32" / "decoder.onnx"
     with pytest.raises(AtolError, match="exceeds the fp32 tolerance"):
         validate_graph(expected_outputs(module, cases), graph, cases, "fp32")  # the un-adapted decoder differs
 
@@ -348,21 +337,21 @@ def test_export_validation_raises_typed_errors(artifact_ort, tiny_model, ort_fp3
     assert not (tmp_path / "ort-int4").exists()
 
 
-def test_manifest_entries_and_decoder_choice(artifact_ort):
-    decoders = load_manifest(artifact_ort).decoders
+def test_manifest_entries_and_decoder_choice(artifact):
+    decoders = load_manifest(artifact).decoders
     assert list(decoders) == ["torch-fp32", "ort-fp32", "ort-int4", "ort-int4-fp16"]
     fp32, int4, half = decoders["ort-fp32"], decoders["ort-int4"], decoders["ort-int4-fp16"]
-    assert (fp32["activations"], int4["activations"], half["activations"]) == ("fp32", "fp32", "fp16")
-    assert half["quantization"] == int4["quantization"] and half["precision"] == "int4-fp16"
+    assert (fp32.activations, int4.activations, half.activations) == ("fp32", "fp32", "fp16")
+    assert half.quantization == int4.quantization and half.precision == "int4-fp16"
     # The first of the device's defaults that the artifact holds: fp16 activations on CUDA, fp32 on CPUs.
     assert [next(d for d in DEFAULT_DECODERS[kind] if d in decoders) for kind in ("cuda", "cpu")] == [
         "ort-int4-fp16", "ort-int4"]
-    assert Captioner(artifact_ort, device="cpu").backend.decoder_name == "ort-int4"
-    assert fp32["validation"]["max_abs_diff"] <= fp32["validation"]["tolerance"]
-    assert fp32["embeddings"]["precision"] == "fp32" and "quantization" not in fp32
-    assert int4["validation"]["logits_cosine_min"] >= int4["validation"]["threshold"] == 0.99
-    assert int4["embeddings"] == {"precision": "fp16", "tied_lm_head": False}  # the tiny model's head is untied
-    assert int4["quantization"] == {"method": "onnxruntime-matmulnbits", "bits": 4, "block_size": 32, "symmetric": False,
+    assert Captioner(artifact, device="cpu").backend.decoder_name == "ort-int4"
+    assert fp32.validation["max_abs_diff"] <= fp32.validation["tolerance"]
+    assert fp32.embeddings["precision"] == "fp32" and fp32.quantization is None
+    assert int4.validation["logits_cosine_min"] >= int4.validation["threshold"] == 0.99
+    assert int4.embeddings == {"precision": "fp16", "tied_lm_head": False}  # the tiny model's head is untied
+    assert int4.quantization == {"method": "onnxruntime-matmulnbits", "bits": 4, "block_size": 32, "symmetric": False,
                                     "accuracy_level": 4, "not_quantized": ["embedding table / lm_head"]}
     assert decoder_names() == ("bnb-int4", "ort-int4") and decoder_names("fp32") == ("torch-fp32",)
     assert decoder_names(decoders=["ort-int4", "torch-fp32", "ort-int4"]) == ("ort-int4", "torch-fp32")
@@ -388,7 +377,7 @@ def test_export_cli_takes_repeated_decoders(monkeypatch, tmp_path):
     assert not info.value.code and (seen["ort_block_size"], seen["ort_symmetric"]) == (64, True)
 
 
-def test_ort_int4_block_size_and_symmetry_are_chosen_at_export(tiny_model, legacy_adapter, tmp_path):
+def test_ort_int4_block_size_and_symmetry_are_chosen_at_export(tiny_model, legacy_adapter, torch_fp32, tmp_path):
     """The quantization ONNX Runtime's CUDA weight-only GEMM takes (symmetric, blocks of 64) can be asked for."""
     import onnx
     from onnx import helper
@@ -402,17 +391,17 @@ def test_ort_int4_block_size_and_symmetry_are_chosen_at_export(tiny_model, legac
     assert nodes and all(helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size")) == 64
                          for n in nodes)
     assert all(len(n.input) < 4 or not n.input[3] for n in nodes)  # symmetric: no zero points
-    assert Captioner(artifact, decoder="ort-int4-fp16").describe(*random_pairs(1)[0]).ok
+    assert first_token(Captioner(artifact, decoder="ort-int4-fp16").backend, torch_fp32)[2].min() >= 0.99
 
 
-def test_decoder_layers_are_exported_as_matmuls_on_stored_transposes(artifact_ort, torch_fp32):
+def test_decoder_layers_are_exported_as_matmuls_on_stored_transposes(artifact, torch_fp32):
     """Every layer's Linear reaches the graph as MatMul on an (in, out) initializer, with no Gemm to
     rewrite: the rewrite copied every weight into an in-memory protobuf, the export's memory peak."""
     import onnx
 
     from export.ort_decoder import MatMulLinear, linears_as_matmuls
 
-    graph = onnx.load(str(artifact_ort / "ort-fp32" / "decoder.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(artifact / "ort-fp32" / "decoder.onnx"), load_external_data=False).graph
     ops = {node.op_type for node in graph.node}
     shapes = {init.name: list(init.dims) for init in graph.initializer}
     layer = torch_fp32.model.decoder.layers[0]
@@ -429,7 +418,7 @@ def test_decoder_layers_are_exported_as_matmuls_on_stored_transposes(artifact_or
         torch.testing.assert_close(moved.fc1(x), layer.fc1(x), rtol=1e-5, atol=1e-6)
 
 
-def test_decoder_graphs_read_each_past_once(artifact_ort, tmp_path):
+def test_decoder_graphs_read_each_past_once(artifact, tmp_path):
     """The cache writes a layer's present over the past of the layer below: the export checks each past is
     read by one Gather (and Shapes); the embedded model's decoder passes that check too."""
     import onnx
@@ -438,9 +427,9 @@ def test_decoder_graphs_read_each_past_once(artifact_ort, tmp_path):
     from idc_lite.default_model import default_model_dir
 
     for name in ("ort-fp32", "ort-int4", "ort-int4-fp16"):
-        check_past_reads(artifact_ort / name / "decoder.onnx")
+        check_past_reads(artifact / name / "decoder.onnx")
     check_past_reads(default_model_dir() / "ort-int4" / "decoder.onnx")
-    model = onnx.load(str(artifact_ort / "ort-fp32" / "decoder.onnx"), load_external_data=False)
+    model = onnx.load(str(artifact / "ort-fp32" / "decoder.onnx"), load_external_data=False)
     model.graph.node.append(onnx.helper.make_node("Identity", ["past.1.value"], ["late_read"]))
     onnx.save_model(model, str(tmp_path / "decoder.onnx"))
     with pytest.raises(ExportError, match=r"reads past\.1\.value with Gather, Identity"):

@@ -735,3 +735,20 @@ def test_the_image_caps_are_options_of_the_api_and_the_cli(tmp_path, capsys):
         main(["describe", str(before), str(after), "--max-image-bytes", "10"])
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {before}") and "bytes" in err[0]
+
+
+def test_an_export_builds_in_a_folder_of_its_own_never_a_planted_one(tmp_path):
+    import stat as stat_module
+
+    from export.build import build_artifact
+    from idc_lite.tools.modelgen import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model", decoder="random")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "artifact.partial").symlink_to(victim)
+    artifact = build_artifact(str(model), tmp_path / "out" / "artifact", decoders=("ort-int4",))
+    assert list(victim.iterdir()) == [] and load_manifest(artifact).decoders.keys() == {"ort-int4"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["artifact", "artifact.partial"]
+    assert stat_module.S_IMODE(artifact.stat().st_mode) == 0o755

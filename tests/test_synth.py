@@ -90,11 +90,14 @@ def test_pair_rng_refuses_unknown_split_and_out_of_range_numbers():
 
 
 @pytest.mark.parametrize("n", [9, 20, 31])
-def test_categories_are_balanced(n):
-    counts = Counter(CATEGORIES[i % len(CATEGORIES)] for i in range(n))
-    assert generate_pair(n - 1, split="val").category == CATEGORIES[(n - 1) % len(CATEGORIES)]
-    assert set(counts) <= set(CATEGORIES)
-    assert max(counts.values()) - min(counts.get(c, 0) for c in CATEGORIES) <= 1
+def test_categories_are_balanced(n, tmp_path):
+    """Any first n pairs of a split, and of a written dataset, hold each category n // 9 or n // 9 + 1 times."""
+    for split in ("train", "val"):
+        counts = Counter(generate_pair(i, seed=1, split=split).category for i in range(n))
+        assert set(counts) <= set(CATEGORIES)
+        assert max(counts.values()) - min(counts.get(c, 0) for c in CATEGORIES) <= 1, counts
+    written = Counter(r.category for r in read_jsonl(write_dataset(tmp_path, n, seed=1, split="test")))
+    assert max(written.values()) - min(written.get(c, 0) for c in CATEGORIES) <= 1, written
 
 
 # ------------------------------------------------------------------------------ visible changes

@@ -7,6 +7,7 @@ A command decorated with :func:`model_options` gets every model option (``--mode
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, fields
@@ -28,13 +29,18 @@ class ModelOptions:
     backend: Annotated[str, typer.Option("--backend", help="auto (lite for an artifact), reference or lite.")] = "auto"
     dtype: Annotated[Optional[str], typer.Option(
         "--dtype", help="Reference backend dtype: fp32, fp16 or bf16 (default fp16 on CUDA, fp32 on CPU).")] = None
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate.")] = 77
-    num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Beam width (1 = greedy, as BLIP2IDC).")] = 1
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", min=1, help="Most tokens to generate. Default: the artifact's, else 77.",
+        show_default=False)] = None
+    num_beams: Annotated[Optional[int], typer.Option(
+        "--num-beams", min=1, help="Beam width (1 = greedy, as BLIP2IDC). Default: the artifact's, else 1.",
+        show_default=False)] = None
     prompt: Annotated[Optional[str], typer.Option(
         "--prompt", help="Optional text prompt after the image (BLIP2IDC uses none).")] = None
-    size_policy: Annotated[str, typer.Option(
+    size_policy: Annotated[Optional[str], typer.Option(
         "--size-policy", help="Pairs of different sizes: smallest (both to the smaller size, BLIP2IDC demo), "
-        "after (before resized to after, IER loaders) or strict (refuse).")] = "smallest"
+        "after (before resized to after, IER loaders) or strict (refuse). Default: the artifact's, else smallest.",
+        show_default=False)] = None
     decoder: Annotated[Optional[str], typer.Option(
         "--decoder", help="Lite backend: which of the artifact's decoders (ort-int4, bnb-int4, torch-fp32, ...).")] = None
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Lite backend: ONNX Runtime CPU threads.")] = None
@@ -56,20 +62,27 @@ class ModelOptions:
         from ..runtime import DTYPES
         from ..settings import CompositionSettings, GenerationSettings
 
-        try:
-            composition = CompositionSettings(size_policy=self.size_policy)
-            generation = GenerationSettings(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, prompt=self.prompt)
+        # Only what was given on the command line overrides the settings an artifact records.
+        generation_given = {k: v for k, v in (("max_new_tokens", self.max_new_tokens), ("num_beams", self.num_beams),
+                                              ("prompt", self.prompt)) if v is not None}
+        try:  # bad values fail before the (slow) model load
+            CompositionSettings(size_policy=self.size_policy or "smallest")
+            GenerationSettings(**generation_given)
         except ValueError as exc:
             raise IdcError(None, str(exc)) from None
         if self.dtype is not None and self.dtype not in DTYPES:
             raise IdcError(None, f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise IdcError(None, f"--device must be auto, cpu or cuda[:N], not {self.device!r}")
-        return Captioner(
+        captioner = Captioner(
             self.model, self.adapter, device=self.device, dtype=self.dtype, backend=self.backend,
-            revision=self.revision, composition=composition, generation=generation,
-            image_limits=self.image_limits(), decoder=self.decoder, threads=self.threads,
+            revision=self.revision, image_limits=self.image_limits(), decoder=self.decoder, threads=self.threads,
         )
+        if self.size_policy is not None:
+            captioner.composition = dataclasses.replace(captioner.composition, size_policy=self.size_policy)
+        if generation_given:
+            captioner.generation = dataclasses.replace(captioner.generation, **generation_given)
+        return captioner
 
 
 def model_options(command):
