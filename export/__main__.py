@@ -77,6 +77,19 @@ def demo(
 
 
 @app.command()
+def attention(
+    artifact: Annotated[Path, typer.Argument(help="The artifact directory to add the attention graph to.",
+                                             show_default=False)],
+) -> None:
+    """Add the attention graph (`idc-lite attention` on the lite backend) to an existing artifact, cut out of
+    its encoder graph; the manifest is rewritten, every other file kept."""
+    from .attention import add_attention
+
+    entry = add_attention(artifact)
+    typer.echo(str(artifact / entry["file"]))
+
+
+@app.command()
 def recipes() -> None:
     """List the named recipes."""
     from .recipes import RECIPES

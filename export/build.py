@@ -25,6 +25,7 @@ import platform
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from idc_lite import __version__
@@ -183,6 +184,7 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
         "tokens": to_dict(tokens),
         "tokenizer": bare_tokenizer,
         "encoder": encoder.as_dict(),
+        **({"attention": encoder.attention} if encoder.attention else {}),
         "decoders": entries,
     })
 
@@ -224,11 +226,14 @@ def _encoder_stage(weights_dir: Path, work: Path, encoder_precision: str, image_
     """Export the encoder; return its report and its query embeddings of a sample pair (the decoders' check input)."""
     import torch
 
+    from .attention import export_attention
     from .encoder import QueryEncoder, export_encoder, sample_inputs
 
     logger.info("exporting the encoder")
     net = load_encoder_part(weights_dir)
     encoder = export_encoder(net, work, encoder_precision, image_size, enforce)
+    attention = export_attention(net.vision_model, work, encoder_precision, image_size, enforce)
+    encoder = replace(encoder, attention=attention)
     with torch.inference_mode():
         query = QueryEncoder(net).eval()(torch.from_numpy(sample_inputs(image_size, seed=2)[1]))
     return encoder, query.numpy()

@@ -78,6 +78,7 @@ class EncoderReport:
     inputs_checked: int
     cosine_min: float | None = None
     enforced: bool = True
+    attention: dict | None = None  # the attention graph's manifest entry (export/attention.py), if one was made
 
     def as_dict(self) -> dict:
         validation = {"max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,

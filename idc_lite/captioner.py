@@ -25,6 +25,7 @@ from .errors import IdcError, OptionError, first_line, require
 from .settings import CompositionSettings, GenerationSettings, ImageLimits
 
 if TYPE_CHECKING:
+    from .attention import AttentionMaps
     from .backends import Backend
 
 logger = logging.getLogger("idc_lite")
@@ -122,6 +123,21 @@ class Captioner:
     ) -> DiffResult:
         """Describe one pair. Bad input raises :class:`~idc_lite.errors.InputError`."""
         return next(self.describe_batch([(before, after)], batch_size=1, generation=generation))
+
+    def attention(
+        self, before: ImageInput, after: ImageInput, *, layer: int = -1, heads: str | Iterable[int] | None = None,
+        source: str | tuple[int, int] = "cls",
+    ) -> AttentionMaps:
+        """Where the ViT's heads attended over the stacked pair (seed Figure 1), not a map of what changed.
+
+        ``layer`` from 0 (-1: the last), ``heads`` (None or ``"all"``: every head), ``source``: ``"cls"``,
+        ``"mean"`` or a point ``(x, y)`` of the stacked pair. Returns an
+        :class:`~idc_lite.attention.AttentionMaps`; :func:`~idc_lite.attention.render_attention` draws it.
+        A bad layer or head is an :class:`~idc_lite.errors.OptionError`.
+        """
+        from .attention import pair_attention
+
+        return pair_attention(self, before, after, layer=layer, heads=heads, source=source)
 
     def describe_batch(
         self, pairs: Iterable[tuple[ImageInput, ImageInput]], batch_size: int = 8, *,

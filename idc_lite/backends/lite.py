@@ -69,6 +69,7 @@ class LiteBackend:
         self.tokenizer = load_artifact_tokenizer(manifest.path, manifest.tokenizer)
         self.session = open_session(manifest.file(manifest.encoder.file), self.device, providers, threads)
         self._encoder_on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
+        self._attention_session, self._session_options = None, (providers, threads)  # opened by attention()
         if self.decoder_name in ORT_DECODERS:
             self.decoder = load_ort_decoder(manifest, self.decoder_name, self.device, providers, threads)
         else:
@@ -101,6 +102,27 @@ class LiteBackend:
             return self.session.run([output], {name: pixels})[0]
         return np.concatenate([self.session.run([output], {name: pixels[start:start + step]})[0]
                                for start in range(0, len(pixels), step)])
+
+    def attention_geometry(self):
+        """The ViT's layers, heads and patch grid, from the manifest's attention graph (:mod:`idc_lite.attention`)."""
+        from ..attention import ViTGeometry
+
+        entry = self.manifest.attention
+        if entry is None:
+            raise ArtifactError(self.model_dir, "has no attention graph; add one with `python -m export attention "
+                                f"{self.model_dir}` (the export extra), or rebuild it with this idc-lite")
+        return ViTGeometry(entry.layers, entry.heads, entry.patch_size, entry.grid)
+
+    def attention(self, pixels: np.ndarray, layers) -> dict[int, np.ndarray]:
+        """Attention probabilities (batch, heads, tokens, tokens) of each ViT layer in ``layers``, from the
+        artifact's attention graph, opened at the first call: captioning never loads it."""
+        self.attention_geometry()
+        entry = self.manifest.attention
+        if self._attention_session is None:
+            self._attention_session = open_session(self.manifest.file(entry.file), self.device, *self._session_options)
+        outputs = self._attention_session.run([entry.outputs[layer] for layer in layers],
+                                              {entry.input: np.ascontiguousarray(pixels, dtype=np.float32)})
+        return dict(zip(layers, outputs))
 
     def generate(self, pixels: np.ndarray, settings: GenerationSettings) -> list[list[int]]:
         query = self.encode(np.ascontiguousarray(pixels, dtype=np.float32))

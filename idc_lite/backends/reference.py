@@ -52,6 +52,29 @@ class ReferenceBackend:
         self.net = net.to(self.device).eval()
         self._torch = torch
 
+    def attention_geometry(self):
+        """The ViT's layers, heads and patch grid, from the model's config (:mod:`idc_lite.attention`)."""
+        from ..attention import ViTGeometry
+
+        vision = self.net.config.vision_config
+        grid = (self.processor.height // vision.patch_size, self.processor.width // vision.patch_size)
+        return ViTGeometry(vision.num_hidden_layers, vision.num_attention_heads, vision.patch_size, grid)
+
+    def attention(self, pixels: np.ndarray, layers) -> dict[int, np.ndarray]:
+        """Attention probabilities (batch, heads, tokens, tokens) of each ViT layer in ``layers``:
+        transformers' attention outputs, computed with eager attention for this call (SDPA returns none)."""
+        torch = self._torch
+        config = self.net.vision_model.config
+        implementation = config._attn_implementation
+        config._attn_implementation = "eager"
+        try:
+            with torch.inference_mode():
+                out = self.net.vision_model(torch.from_numpy(pixels).to(self.device, self.dtype),
+                                            output_attentions=True, return_dict=True)
+        finally:
+            config._attn_implementation = implementation
+        return {layer: out.attentions[layer].float().cpu().numpy() for layer in layers}
+
     def generate(self, pixels: np.ndarray, settings: GenerationSettings) -> list[list[int]]:
         torch = self._torch
         tokens = self.tokens

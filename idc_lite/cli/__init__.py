@@ -14,6 +14,7 @@ from ..errors import IdcError
 from .batch import batch
 from .describe import describe
 from .evaluate import eval_command
+from .attention import attention
 from .info import info
 from .memory import memory
 from .synth import synth
@@ -27,6 +28,7 @@ app.command()(describe)
 app.command()(batch)
 app.command()(synth)
 app.command()(info)
+app.command()(attention)
 app.command()(memory)
 app.command()(train)
 app.command("eval")(eval_command)
