@@ -17,6 +17,7 @@ from .evaluate import eval_command
 from .attention import attention
 from .info import info
 from .memory import memory
+from .serve import serve
 from .synth import synth
 from .train import train
 
@@ -29,6 +30,7 @@ app.command()(batch)
 app.command()(synth)
 app.command()(info)
 app.command()(attention)
+app.command()(serve)
 app.command()(memory)
 app.command()(train)
 app.command("eval")(eval_command)
