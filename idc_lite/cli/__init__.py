@@ -11,10 +11,10 @@ import typer
 
 from .._version import __version__
 from ..errors import IdcError
+from .attention import attention
 from .batch import batch
 from .describe import describe
 from .evaluate import eval_command
-from .attention import attention
 from .info import info
 from .memory import memory
 from .serve import serve
@@ -29,11 +29,11 @@ app.command()(describe)
 app.command()(batch)
 app.command()(synth)
 app.command()(info)
-app.command()(attention)
-app.command()(serve)
 app.command()(memory)
 app.command()(train)
 app.command("eval")(eval_command)
+app.command()(attention)
+app.command()(serve)
 
 def _version(value: bool) -> None:
     if value:
@@ -67,4 +67,6 @@ def run_app(typer_app: typer.Typer, argv: list[str] | None, prog_name: str) -> N
 
 def main(argv: list[str] | None = None) -> None:
     """The ``idc-lite`` entry point."""
-    run_app(app, argv, "idc-lite")
+    from .batch import bare_ray_option
+
+    run_app(app, bare_ray_option(sys.argv[1:] if argv is None else argv), "idc-lite")

@@ -2,6 +2,8 @@
 
 Resumable: records are flushed as each batch finishes, and a second run with the same output skips
 the pairs already there. A pair that fails is recorded with its error; the exit code is then 1.
+``--ray`` runs the same on a Ray cluster (:mod:`idc_lite.ray`, the ``ray`` extra, imported only then),
+which also reads folders in object storage and manifests of pairs, and writes Parquet parts.
 """
 
 from __future__ import annotations
@@ -12,24 +14,43 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import OptionError
+from ..results_io import BATCH_FIELDS as FIELDS
 from . import common
-
-FIELDS = ["id", "before", "after", "caption", "error", "model", "adapter", "backend", "seconds"]
 
 
 @common.model_options
 def batch(
     options: common.ModelOptions,
-    before_dir: Annotated[Path, typer.Argument(help="Folder of images before the change.", show_default=False)],
-    after_dir: Annotated[Path, typer.Argument(help="Folder of images after the change.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Results file (created, or resumed).")],
+    before_dir: Annotated[str, typer.Argument(
+        help="Folder of images before the change; with --ray also a URI (s3://...), or a manifest of pairs "
+        "(CSV, JSONL or Parquet with id, before, after) given alone.", show_default=False)],
+    after_dir: Annotated[Optional[str], typer.Argument(
+        help="Folder of images after the change (with --ray, a URI too).", show_default=False)] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="Results file (created, or resumed).")] = ...,
     fmt: Annotated[Optional[str], typer.Option(
-        "--format", help="jsonl or csv (default: from the output suffix, .csv -> csv, else jsonl).")] = None,
+        "--format", help="jsonl or csv (default: from the output suffix, .csv -> csv, else jsonl); with --ray "
+        "also parquet, a directory of parts (local or object storage).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Pairs per model call.")] = 8,
     retry_failed: Annotated[bool, typer.Option(
         "--retry-failed", help="Describe again the pairs recorded with an error in OUTPUT.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="[ADDRESS]", help="Run on a Ray cluster: auto, HOST:PORT, ray://HOST:PORT, or local "
+        "(the default when --ray comes last or without a value: RAY_ADDRESS, else a new local cluster).")] = None,
+    workers: Annotated[str, typer.Option(
+        "--workers", help="With --ray: N workers, or MIN-MAX to autoscale; each loads the model once.")] = "1",
+    gpus_per_worker: Annotated[float, typer.Option(
+        "--gpus-per-worker", min=0, help="With --ray: GPUs each worker reserves (0: CPU workers).")] = 0.0,
 ) -> None:
     """Describe every pair of BEFORE_DIR and AFTER_DIR (matched by relative path without extension)."""
+    if ray_address is not None:
+        raise typer.Exit(_batch_on_ray(options, before_dir, after_dir, output, fmt, batch_size, retry_failed,
+                                       ray_address, workers, gpus_per_worker))
+    if after_dir is None:
+        raise OptionError(None, "give BEFORE_DIR and AFTER_DIR (a manifest of pairs, given alone, needs --ray)")
+    if fmt == "parquet" or workers != "1" or gpus_per_worker:
+        raise OptionError(None, "--format parquet, --workers and --gpus-per-worker apply with --ray only")
+    before_dir, after_dir, output = Path(before_dir), Path(after_dir), Path(output)
     from ..folders import pair_folders
     from ..results_io import ResultsFile
 
@@ -65,15 +86,13 @@ def batch(
 def _describe_all(todo, results, batch_size: int, captioner) -> None:
     from tqdm import tqdm
 
+    from ..results_io import batch_record
+
     pairs = ((b, a) for _, b, a in todo)
     progress = tqdm(total=len(todo), unit="pair", disable=not sys.stderr.isatty(), file=sys.stderr)
     try:
         for (key, before, after), result in zip(todo, captioner.describe_batch(pairs, batch_size, on_error="return")):
-            results.write({
-                "id": key, "before": str(before), "after": str(after), "caption": result.caption,
-                "error": result.error, "model": result.model, "adapter": result.adapter,
-                "backend": result.backend, "seconds": round(result.timings.total_s, 4),
-            })
+            results.write(batch_record(key, before, after, result))
             progress.update(1)
     except KeyboardInterrupt:
         progress.close()
@@ -81,6 +100,38 @@ def _describe_all(todo, results, batch_size: int, captioner) -> None:
         typer.echo(f"interrupted: {len(results.done)} results kept in {results.path}; run again to resume", err=True)
         raise typer.Exit(130) from None
     progress.close()
+
+
+def _batch_on_ray(options, before, after, output, fmt, batch_size, retry_failed, address, workers, gpus) -> int:
+    """The same command on a Ray cluster (:func:`idc_lite.ray.run_batch`): Ray is imported only here."""
+    import dataclasses
+    import os
+
+    from ..errors import require
+
+    require("ray", "batch --ray", "ray")
+    if address == "local" or (address == "" and not os.environ.get("RAY_ADDRESS")):
+        # A cluster for this machine alone listens on loopback only (Ray's single-machine mode; read on import).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from ..ray import run_batch
+
+    # Workers start elsewhere: a local model or adapter is named by its absolute path.
+    local = {name: os.path.abspath(value) for name in ("model", "adapter")
+             if (value := getattr(options, name)) is not None and os.path.exists(value)}
+    options = dataclasses.replace(options, **local)
+    model = options.model or "the embedded default"
+    return run_batch(
+        before, after, output, captioner=options.captioner, model_name=model, fmt=fmt, batch_size=batch_size,
+        workers=workers, gpus_per_worker=gpus, retry_failed=retry_failed, address=None if address == "" else address,
+        echo=lambda line: typer.echo(line, err=True), progress=sys.stderr.isatty(),
+    )
+
+
+def bare_ray_option(argv: list[str]) -> list[str]:
+    """``--ray`` without a value (last, or before another option) as ``--ray=``: Typer options need a value."""
+    argv = list(argv)
+    return [("--ray=" if arg == "--ray" and (i + 1 == len(argv) or argv[i + 1].startswith("-")) else arg)
+            for i, arg in enumerate(argv)]
 
 
 def _report_unpaired(found) -> None:
