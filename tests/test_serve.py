@@ -8,6 +8,7 @@ loops are bounded in count and time.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import signal
@@ -416,3 +417,34 @@ def test_the_load_benchmark_measures_both_modes(tmp_path):
     summary = report["summary"]
     assert summary["wrong_captions"] == 0 and summary["same_captions_both_modes"]
     assert summary["clients"] == 2 and summary["throughput_ratio"] > 0
+
+
+def test_attention_route_returns_the_picture_or_the_arrays_of_the_api(server, captioner):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from idc_lite.attention import render_attention
+
+    def post(fields):
+        body, headers = multipart([("before", PAIRS[0][0]), ("after", PAIRS[0][1])], fields)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        try:
+            conn.request("POST", "/v1/attention", body=body, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.getheader("Content-Type"), response.read()
+        finally:
+            conn.close()
+
+    status, media, data = post({"layer": "-1", "from": "mean"})
+    assert status == 200 and media == "image/png"
+    want = captioner.attention(*PAIRS[0], layer=-1, source="mean")
+    assert Image.open(io.BytesIO(data)).size == render_attention(want).size
+    status, media, data = post({"layer": "0", "heads": "1", "format": "npz"})
+    assert status == 200 and media == "application/octet-stream"
+    arrays = np.load(io.BytesIO(data))
+    assert arrays["heads"].tolist() == [1] and int(arrays["layer"]) == 0
+    assert np.allclose(arrays["weights"], captioner.attention(*PAIRS[0], layer=0, heads="1").weights)
+    status, media, data = post({"layer": "99"})
+    assert status == 422 and "layer 99 does not exist" in json.loads(data)["error"]

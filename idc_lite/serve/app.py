@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .._version import __version__
-from ..errors import first_line
+from ..errors import IdcError, first_line
 from .batcher import MicroBatcher, QueueFull, WaitTimeout
 from .config import ServeConfig
 from .guard import Guard
@@ -184,6 +184,58 @@ def create_app(config: ServeConfig, load: Callable[[], Any], on_fatal: Callable[
               openapi_extra=schema.request_body(single=False), summary="Describe several pairs, results in order")
     async def describe_batch(request: Request):
         return await _describe(request, single=False)
+
+    @app.post("/v1/attention", responses={200: {"content": {"image/png": {}, "application/octet-stream": {}},
+                                                "description": "the picture (PNG) or, with format=npz, the arrays"},
+                                           **schema.ERRORS},
+              openapi_extra=schema.request_body(single=True), summary="Where the ViT's heads attended over one pair")
+    async def attention(request: Request):
+        """One pair as for ``/v1/describe``, and the fields ``layer`` (default -1, the last), ``heads``
+        (``all`` or ``0,2``), ``from`` (``cls``, ``mean`` or ``x,y``) and ``format`` (``png`` or ``npz``).
+        Where the heads attended, not a map of what changed (``docs/attention.md``)."""
+        import io
+
+        from ..attention import render_attention
+
+        captioner = ready()
+        try:
+            body = await read_body(request, config.max_body_bytes)
+        except ClientDisconnect:
+            return Response(status_code=400)
+        uploads, fields = parse_request(request.headers.get("content-type"), body)
+        del body
+        unknown = sorted(set(fields) - {"layer", "heads", "from", "format"})
+        if unknown:
+            raise ApiError(422, unknown[0], "unknown field; attention takes layer, heads, from and format")
+        fmt = str(fields.get("format") or "png").lower()
+        if fmt not in ("png", "npz"):
+            raise ApiError(422, "format", f"{fmt!r}: png or npz")
+        try:
+            layer = int(fields.get("layer", -1))
+        except (TypeError, ValueError):
+            raise ApiError(422, "layer", f"{fields.get('layer')!r} is not a whole number") from None
+        [(before, after)] = pair_uploads(uploads, True, 1)
+        background, limits = captioner.composition.background, captioner.image_limits
+        images = [decode_image(u, background, limits) for u in (before, after)]
+
+        def draw() -> tuple[bytes, str]:
+            source = fields.get("from") or "cls"
+            maps = captioner.attention(*images, layer=layer, heads=fields.get("heads"),
+                                       source=tuple(source) if isinstance(source, list) else source)
+            out = io.BytesIO()
+            if fmt == "npz":
+                maps.save_npz(out)
+                return out.getvalue(), "application/octet-stream"
+            render_attention(maps).save(out, "PNG")
+            return out.getvalue(), "image/png"
+
+        async with decoding:
+            try:
+                data, media = await run_in_threadpool(draw)
+            except IdcError as exc:  # a bad layer, head or point; a model without an attention graph
+                raise ApiError(422, "attention", exc.problem) from None
+        logger.info("%s %s 200 %s, %d bytes", request.method, request.url.path, fmt, len(data))
+        return Response(data, media_type=media)
 
     async def _describe(request, single: bool):
         captioner = ready()
