@@ -163,3 +163,12 @@ def test_a_benchmark_child_shows_its_progress_as_it_runs(tmp_path, capfd):
     assert any(line.startswith("  [cal] ") and "November 2026" in line for line in err)
     logged = (tmp_path / "child.log").read_text(encoding="utf-8").splitlines()
     assert [f"  [cal] {line}".rstrip() for line in logged] == err
+
+
+def test_both_backends_provide_the_backend_protocol(tiny_model):
+    from idc_lite import Captioner
+    from idc_lite.backends import Backend
+
+    assert isinstance(Captioner().backend, Backend)
+    assert isinstance(Captioner(tiny_model).backend, Backend)
+    assert not isinstance(object(), Backend)

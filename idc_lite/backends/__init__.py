@@ -8,11 +8,13 @@ transformers, the ``reference`` extra) both provide it. ONNX Runtime sessions ar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from ..attention import ViTGeometry
     from ..settings import GenerationSettings, ProcessorSettings, TokenSettings
 
 
@@ -36,4 +38,12 @@ class Backend(Protocol):
 
     def generate(self, pixels: np.ndarray, settings: GenerationSettings) -> list[list[int]]:
         """New token ids for each pair of a float32 ``(N, 3, H, W)`` batch, padded to the longest."""
+        ...
+
+    def attention_geometry(self) -> ViTGeometry:
+        """The ViT's layers, heads, patch size and patch grid (:mod:`idc_lite.attention`)."""
+        ...
+
+    def attention(self, pixels: np.ndarray, layers: Sequence[int]) -> dict[int, np.ndarray]:
+        """Attention probabilities ``(N, heads, tokens, tokens)`` of each ViT layer in ``layers``."""
         ...
