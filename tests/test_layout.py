@@ -172,3 +172,18 @@ def test_both_backends_provide_the_backend_protocol(tiny_model):
     assert isinstance(Captioner().backend, Backend)
     assert isinstance(Captioner(tiny_model).backend, Backend)
     assert not isinstance(object(), Backend)
+
+
+def test_debug_shows_the_traceback_wherever_it_is_given(capsys):
+    from idc_lite.cli import main
+
+    for argv in (["--debug", "describe", "missing-before.png", "missing-after.png"],
+                 ["describe", "missing-before.png", "missing-after.png", "--debug"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "Traceback" in err
+        assert err.strip().splitlines()[-1] == "error: missing-before.png: no such file"
+    with pytest.raises(SystemExit):
+        main(["describe", "missing-before.png", "missing-after.png"])
+    assert "Traceback" not in capsys.readouterr().err

@@ -54,12 +54,17 @@ def _root(
 def run_app(typer_app: typer.Typer, argv: list[str] | None, prog_name: str) -> None:
     """Run a Typer app; an :class:`IdcError` becomes one line on stderr and exit code 2.
 
-    Anything else is a bug and keeps its traceback; ``--debug`` shows the traceback of user errors too.
+    Anything else is a bug and keeps its traceback; ``--debug`` shows the traceback of user errors too,
+    wherever it is given (it is the root command's option: it is moved before the subcommand).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv = ["--debug", *(arg for arg in argv if arg != "--debug")]
     try:
         typer_app(args=argv, prog_name=prog_name)
     except IdcError as exc:
-        if "--debug" in (sys.argv[1:] if argv is None else argv):
+        if debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
