@@ -370,7 +370,7 @@ def test_500_requests_from_16_clients_every_answer_right_memory_flat(expected):
         assert growth < 32 * 2**20, f"server memory grew by {growth / 2**20:.1f} MiB over 400 requests"
         stats = client.info()["stats"]
         assert stats["pairs"] == 500 and stats["pending"] == 0
-        assert server.stop() in (0, -signal.SIGTERM)
+        assert server.stop() == 0
     assert not any("Traceback" in line for line in server.output)
     assert not any("PNG" in line or "IHDR" in line for line in server.output)  # metadata only
 
@@ -387,7 +387,7 @@ def test_sigterm_lets_requests_in_flight_finish(expected):
             server.process.send_signal(signal.SIGTERM)
             results = [f.result(30) for f in futures]
         assert [r["caption"] for r in results] == [expected[i % 6] for i in range(12)]
-        assert server.process.wait(30) in (0, -signal.SIGTERM)
+        assert server.process.wait(30) == 0  # drained: a clean exit
         with pytest.raises(Unreachable):
             client.info()
 

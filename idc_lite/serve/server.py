@@ -2,12 +2,13 @@
 
 uvicorn owns the signals: on SIGTERM (or Ctrl-C) it stops accepting connections, lets the requests
 in flight finish (their pairs still in the micro-batcher included, up to ``--timeout``), then stops
-the batcher. A model that fails to load stops the server, and the command reports that error.
+the batcher; the process then exits with code 0 after a SIGTERM. A model that fails to load stops the server, and the command reports that error.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import Any, Callable
 
@@ -46,6 +47,11 @@ def serve(config: ServeConfig, load: Callable[[], Any], log_level: str = "info")
     ))
     logger.info("idc-lite serve: http://%s:%d/ (the model loads now; GET /health says when it is ready)",
                 f"[{config.host}]" if ":" in config.host else config.host, config.port)
-    server.run()
+    # uvicorn re-raises a SIGTERM it caught once it has drained; a drained stop is a clean exit, code 0.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if failure:
         raise IdcError(None, f"the model did not load: {failure[0]}")
