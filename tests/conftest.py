@@ -47,6 +47,23 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-blip2", seed=0)
 
 
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_hub_cache(model_dir: Path, cache: Path, monkeypatch) -> Path:
+    """``model_dir`` as huggingface_hub's cache holds ``acme/tiny-blip2`` at :data:`HUB_COMMIT` (``main``);
+    the cache is made the current one. Returns the snapshot folder."""
+    import shutil
+
+    repo = cache / "models--acme--tiny-blip2"
+    shutil.copytree(model_dir, repo / "snapshots" / HUB_COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    return repo / "snapshots" / HUB_COMMIT
+
+
 def make_adapter(model_dir: Path, out_dir: Path, layout: str, seed: int = 1, r: int = 4) -> Path:
     """A LoRA adapter for ``model_dir`` with BLIP2IDC's target modules and non-zero random weights (from numpy).
 

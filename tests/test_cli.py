@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import MAX_NEW_TOKENS, random_pairs
+from conftest import HUB_COMMIT, MAX_NEW_TOKENS, fake_hub_cache, random_pairs
 from idc_lite.cli import main
 
 TOKENS = ["--max-new-tokens", str(MAX_NEW_TOKENS)]
@@ -423,17 +423,10 @@ def test_dtype_reaches_the_reference_backend(tiny_model, pairs, tmp_path, capsys
 
 
 def test_revision_picks_a_snapshot_of_the_hub_cache(tiny_model, reference, pairs, tmp_path, capsys, monkeypatch):
-    cache = tmp_path / "hub"
-    repo = cache / "models--acme--tiny-blip2"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(tiny_model, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    fake_hub_cache(tiny_model, tmp_path / "hub", monkeypatch)
     write_pair(tmp_path, tmp_path / "after", "x", pairs[0])
     before, after = tmp_path / "x.png", tmp_path / "after" / "x.png"
-    code, out, _ = run(["describe", before, after, "-m", "acme/tiny-blip2", "--revision", commit, "--json", *TOKENS],
+    code, out, _ = run(["describe", before, after, "-m", "acme/tiny-blip2", "--revision", HUB_COMMIT, "--json", *TOKENS],
                        capsys)
     record = json.loads(out)
     assert code == 0 and record["model"] == "acme/tiny-blip2" and record["caption"] == reference.describe(before, after).caption

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import MAX_NEW_TOKENS, make_adapter
+from conftest import HUB_COMMIT, MAX_NEW_TOKENS, fake_hub_cache, make_adapter
 from idc_lite import Captioner, GenerationSettings
 from idc_lite.adapters import convert_legacy_adapter, find_adapter
 from idc_lite.compose import compose_batch
@@ -137,17 +137,10 @@ def test_model_errors_name_the_model(tmp_path, tiny_model):
 
 def test_hub_ids_resolve_through_the_offline_cache(tmp_path, tiny_model, monkeypatch):
     """A hub id is found in huggingface_hub's cache with HF_HUB_OFFLINE, at a branch or a revision."""
-    cache = tmp_path / "hub"
-    repo = cache / "models--acme--tiny-blip2"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(tiny_model, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    snapshot = fake_hub_cache(tiny_model, tmp_path / "hub", monkeypatch)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    assert resolve_model_dir("acme/tiny-blip2") == repo / "snapshots" / commit
-    assert resolve_model_dir("acme/tiny-blip2", revision=commit) == repo / "snapshots" / commit
+    assert resolve_model_dir("acme/tiny-blip2") == snapshot
+    assert resolve_model_dir("acme/tiny-blip2", revision=HUB_COMMIT) == snapshot
     assert Captioner("acme/tiny-blip2", local_files_only=True).model_id == "acme/tiny-blip2"
     with pytest.raises(ModelError, match="acme/other: not in the local hub cache"):
         resolve_model_dir("acme/other")
