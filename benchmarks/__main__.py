@@ -26,11 +26,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0].split(": ", 1)[1],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to measure (one of; default: the embedded demo artifact)")
-    what.add_argument("--artifact", type=Path, help="An idc-lite artifact; its reference is found from its manifest.")
+    what.add_argument("--artifact", type=Path, help="An idc-lite artifact; its reference is the one it ships "
+                      "(reference/), else found from its manifest.")
     what.add_argument("--config", help="Random weights at the shapes of a shipped config (blip2-opt-2.7b) or a "
                       "config.json; built, exported and cached once.")
     what.add_argument("--tiny", action="store_true", help="A tiny random model: a smoke run in seconds.")
-    what.add_argument("--reference", type=Path, help="The artifact's base model directory, if it moved.")
+    what.add_argument("--reference", type=Path, help="The artifact's base model directory, if it moved "
+                      "(instead of the reference it ships).")
     what.add_argument("--reference-adapter", type=Path, help="The artifact's LoRA adapter folder (checked by sha256).")
     what.add_argument("--depth-scale", type=float, default=1.0,
                       help="With --config: keep the widths, scale every stack's number of layers (e.g. 0.25).")

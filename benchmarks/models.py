@@ -1,10 +1,12 @@
 """What a benchmark measures: an artifact and, when it can be found, the reference it was built from.
 
-- ``--artifact DIR`` (default: the embedded demo model): the reference is the base model and the
-  LoRA adapter named in the manifest's provenance. The base must still be a local directory; the
-  manifest records the adapter's name and sha256 but not its path, so the adapter is the one given
-  with ``--reference-adapter`` or a folder of that name near the base (the demo recipe's layout,
-  ``runs/demo/stage1/best`` + ``runs/demo/stage2/best``), and its hash must match.
+- ``--artifact DIR`` (default: the embedded demo model): the reference is the one the artifact ships
+  (``reference/base`` + ``reference/adapter``, built with ``--ship-reference``), checked file by file
+  against the manifest, so that a fresh clone compares offline. Without one, or with ``--reference``
+  or ``--reference-adapter`` given, it is the base model and the LoRA adapter named in the manifest's
+  provenance: the base must still be a local directory, and the adapter is the one given with
+  ``--reference-adapter``, the recorded path, or a folder of its name near the base (the demo
+  recipe's layout, ``runs/demo/stage1/best`` + ``runs/demo/stage2/best``), whose hash must match.
 - ``--config NAME|FILE`` (``blip2-opt-2.7b``: the real shapes) or ``--tiny``: a random-weight model,
   built by :mod:`benchmarks.build` in one process per stage and cached under
   ``<cache>/<name>-<hash>/`` (``model/`` in fp16, ``artifact-<decoders>/``, ``build.json`` with each
@@ -64,7 +66,8 @@ def default_cache_dir() -> Path:
 
 # --------------------------------------------------------------------------------- artifacts
 def artifact_subject(artifact: Path | None, reference: Path | None = None, adapter: Path | None = None) -> Subject:
-    """The artifact (default: the embedded demo) and the reference its manifest points to."""
+    """The artifact (default: the embedded demo) and its reference: the one it ships, unless
+    ``reference`` or ``adapter`` is given, else the one its manifest's provenance points to."""
     from idc_lite.artifact import load_manifest
 
     if artifact is None:
@@ -74,14 +77,19 @@ def artifact_subject(artifact: Path | None, reference: Path | None = None, adapt
             raise IdcError(EMBEDDED_DIR, "this install has no embedded demo model; pass --artifact DIR, "
                            "--config blip2-opt-2.7b or --tiny")
         artifact = EMBEDDED_DIR
-    manifest = load_manifest(artifact)
+    manifest = load_manifest(artifact)  # every file checked, the shipped reference's too
+    artifact = manifest.path.resolve()
+    if reference is None and adapter is None and manifest.reference is not None:
+        base, shipped = manifest.reference_dirs()
+        return Subject(manifest.name, artifact, base.resolve(), None if shipped is None else shipped.resolve(),
+                       config=base.resolve() / "config.json")
     provenance = manifest.data.get("provenance") or {}
     base_id = (provenance.get("base") or {}).get("id")
     model = reference or (Path(base_id).expanduser() if base_id else None)
-    artifact = manifest.path.resolve()
     if model is None or not (model / "config.json").is_file():
-        note = (f"the artifact's base {base_id!r} is not a local model directory here; pass --reference DIR"
-                if reference is None else f"--reference {reference} holds no config.json")
+        where = f"base {base_id!r} is not a local model directory here" if base_id else "manifest records no local base"
+        note = (f"the artifact ships no reference (python -m export build --ship-reference) and its {where}; "
+                "pass --reference DIR" if reference is None else f"--reference {reference} holds no config.json")
         return Subject(manifest.name, artifact, None, reference_note=note)
     model, recorded = model.resolve(), provenance.get("adapter")
     found, note = (None, None) if recorded is None else find_reference_adapter(recorded, model, adapter)

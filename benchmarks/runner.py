@@ -85,12 +85,15 @@ def plan(subject: Subject, devices: list[str], decoders: list[str]) -> list[Plan
 
 
 def size_on_disk(spec: dict, artifact: Path) -> int:
-    """Bytes of the files a backend loads: the model (+ adapter) dir, or the artifact without other decoders."""
+    """Bytes of the files a backend loads: the model (+ adapter) dir, or the artifact without other decoders
+    (and without the reference it may ship)."""
     if spec["kind"] == "reference":
         dirs = [Path(spec["model"])] + ([Path(spec["adapter"])] if spec.get("adapter") else [])
         return sum(p.stat().st_size for d in dirs for p in d.rglob("*") if p.is_file())
     manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
     others = [entry["dir"].rstrip("/") + "/" for name, entry in manifest["decoders"].items() if name != spec["decoder"]]
+    shipped = manifest.get("reference") or {}
+    others += [folder.rstrip("/") + "/" for folder in (shipped.get("base"), shipped.get("adapter")) if folder]
     return sum(info["size"] for path, info in manifest["files"].items() if not path.startswith(tuple(others)))
 
 

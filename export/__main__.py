@@ -42,6 +42,9 @@ def build(
     ort_symmetric: Annotated[bool, typer.Option(
         "--ort-symmetric", help="int4 ONNX Runtime decoders: symmetric blocks (no zero points; default asymmetric).")
     ] = False,
+    ship_reference: Annotated[bool, typer.Option(
+        "--ship-reference", help="Also ship the base (fp16 safetensors) and the adapter in OUT/reference/, for "
+        "`--backend reference` and the benchmarks to run offline; small bases only (2.7B: +7.7 GB).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Merge, export, quantize and validate; write the artifact to OUT."""
@@ -59,7 +62,8 @@ def build(
         raise IdcError(None, "give a recipe name or --base")
     path = build_artifact(base, out, adapter, revision=revision, encoder_precision=encoder_precision,
                           decoder_precision=decoder_precision, decoders=decoder or None, name=name, force=force,
-                          ort_block_size=ort_block_size, ort_symmetric=ort_symmetric or None)
+                          ort_block_size=ort_block_size, ort_symmetric=ort_symmetric or None,
+                          ship_reference=ship_reference)
     typer.echo(str(path))
 
 

@@ -15,11 +15,16 @@ The artifact is assembled in a new folder of an unpredictable name beside ``out`
 (``<out>.partial-XXXXXXXX``) and renamed into place only when every step, its validation and the
 manifest are done: an interrupted or failed build never leaves a half artifact under the real name. Before any weights are read, the disk must hold what the export surely writes
 (:mod:`export.space`); a disk that fills up anyway is said as such.
+
+``ship_reference`` also writes the base (fp16) and the adapter into the artifact, for its reference
+backend to run offline (:mod:`export.reference`); ``provenance`` records a build by its recipe and
+seed instead of the local paths it was built from (:func:`build_provenance`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import platform
 import shutil
@@ -27,6 +32,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Mapping
 
 from idc_lite import __version__
 from idc_lite.adapters import adapter_summary, find_adapter
@@ -34,7 +40,7 @@ from idc_lite.artifact import DECODERS, ORT_DECODERS, TORCH_DECODERS, write_mani
 from idc_lite.tokenizer import load_tokenizer
 from idc_lite.errors import first_line, require
 from idc_lite.decoding import prefix_ids, token_settings
-from idc_lite.loading import check_blip2_dir, resolve_model_dir
+from idc_lite.loading import check_blip2_dir, is_hub_id, resolve_model_dir
 from idc_lite.tools.memory import count_parameters, load_config, meta_model
 from idc_lite.runtime import quiet_libraries
 from idc_lite.settings import CompositionSettings, GenerationSettings, ProcessorSettings, to_dict
@@ -80,7 +86,8 @@ def build_artifact(
     base: str, out: str | Path, adapter: str | Path | None = None, *, revision: str | None = None,
     encoder_precision: str = "fp32", decoder_precision: str | None = None, decoders=None, name: str | None = None,
     force: bool = False, local_files_only: bool = False, enforce_encoder_check: bool = True,
-    ort_block_size: int | None = None, ort_symmetric: bool | None = None,
+    ort_block_size: int | None = None, ort_symmetric: bool | None = None, ship_reference: bool = False,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Build an artifact from ``base`` (hub id or directory) and an optional LoRA ``adapter``.
 
@@ -88,9 +95,14 @@ def build_artifact(
     ``decoder_precision`` picks them (:data:`DECODERS_BY_PRECISION`; int4 by default).
     ``ort_block_size`` and ``ort_symmetric`` set the int4 ONNX Runtime decoders' quantization
     (default: blocks of 32, asymmetric; ``export/ort_decoder.py``).
+    ``ship_reference`` ships the base in fp16 and the adapter in the artifact's ``reference/``
+    (:mod:`export.reference`). ``provenance`` (e.g. ``{"recipe": "demo", "seed": 0}``) is recorded in
+    the manifest's provenance in place of the local paths of the base and the adapter
+    (:func:`build_provenance`).
     """
     require_export_extra()
     names = decoder_names(decoder_precision, decoders)
+    check_provenance(provenance)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise ExportError(out, "already exists; use --force to replace it")
@@ -102,7 +114,8 @@ def build_artifact(
 
     try:
         _build_into(work, base, adapter, revision, local_files_only, encoder_precision, names, name or out.name,
-                    enforce_encoder_check, _ort_quantization(ort_block_size, ort_symmetric))
+                    enforce_encoder_check, _ort_quantization(ort_block_size, ort_symmetric), ship_reference,
+                    provenance)
     except BaseException as exc:
         full = disk_full_error(work.parent, exc)  # before cleaning up: the disk is still full
         shutil.rmtree(work, ignore_errors=True)
@@ -123,8 +136,43 @@ def _ort_quantization(block_size: int | None, symmetric: bool | None) -> dict:
     return {key: value for key, value in chosen.items() if value is not None}
 
 
+def check_provenance(provenance: Mapping[str, Any] | None) -> None:
+    """Refuse, before any work, a provenance override that would not make a manifest entry."""
+    if provenance is None:
+        return
+    if not isinstance(provenance, Mapping) or not all(isinstance(key, str) for key in provenance):
+        raise ExportError(None, "provenance must be a mapping of names to values, e.g. {'recipe': 'demo', 'seed': 0}")
+    taken = sorted({"base", "adapter"} & set(provenance))
+    if taken:
+        raise ExportError(None, f"provenance may not set {' or '.join(map(repr, taken))}: the build records those")
+    try:
+        json.dumps(dict(provenance))
+    except (TypeError, ValueError) as exc:
+        raise ExportError(None, f"provenance is not JSON ({first_line(exc)})") from None
+
+
+def build_provenance(base: str, revision: str | None, model_dir: Path, adapter, adapter_source,
+                     override: Mapping[str, Any] | None = None) -> dict:
+    """The manifest's ``provenance``: the base (id, revision, resolved commit) and the adapter's summary.
+
+    With ``override`` (a recipe's name and seed), its entries come first and nothing local is
+    recorded: a base given as a local directory loses its ``id`` (a hub id keeps it), the adapter its
+    ``path``; the adapter's name, layout, r, lora_alpha and sha256 stay.
+    """
+    recorded_base = {"id": str(base), "revision": revision, "resolved": _resolved_commit(model_dir)}
+    recorded_adapter = {**adapter_summary(adapter_source), "path": str(adapter)} if adapter_source else None
+    if override is None:
+        return {"base": recorded_base, "adapter": recorded_adapter}
+    if not is_hub_id(str(base)) or Path(str(base)).expanduser().exists():
+        del recorded_base["id"]
+    if recorded_adapter is not None:
+        del recorded_adapter["path"]
+    return {**override, "base": recorded_base, "adapter": recorded_adapter}
+
+
 def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_precision, decoders, name,
-                enforce_encoder_check: bool = True, ort_quantization: dict | None = None) -> None:
+                enforce_encoder_check: bool = True, ort_quantization: dict | None = None, ship_reference: bool = False,
+                provenance: Mapping[str, Any] | None = None) -> None:
     import torch
 
     quiet_libraries()
@@ -145,7 +193,8 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
         from .decoder import check_bnb_shapes
 
         check_bnb_shapes(meta.language_model)  # before any work: bitsandbytes fails late, with an assertion
-    check_free_space(work.parent, export_disk_need(counts, encoder_precision, decoders, adapter_source is not None))
+    check_free_space(work.parent, export_disk_need(counts, encoder_precision, decoders, adapter_source is not None,
+                                                   reference=ship_reference))
     weights_dir = model_dir
     if adapter_source is not None:
         weights_dir = work.with_name(work.name + ".merged")
@@ -167,6 +216,11 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
     for extra in ("preprocessor_config.json",):
         if (model_dir / extra).is_file():
             shutil.copyfile(model_dir / extra, work / extra)
+    reference = None
+    if ship_reference:
+        from .reference import write_reference
+
+        reference = write_reference(model_dir, adapter_source, tokenizer, work)
 
     write_manifest(work, {
         "name": name,
@@ -174,10 +228,7 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
         "built_with": {"idc_lite": __version__, "torch": torch.__version__, "transformers": _version("transformers"),
                        "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
                        "bitsandbytes": _version("bitsandbytes"), "python": platform.python_version()},
-        "provenance": {
-            "base": {"id": str(base), "revision": revision, "resolved": _resolved_commit(model_dir)},
-            "adapter": {**adapter_summary(adapter_source), "path": str(adapter)} if adapter_source else None,
-        },
+        "provenance": build_provenance(base, revision, model_dir, adapter, adapter_source, provenance),
         "composition": to_dict(CompositionSettings()),
         "generation": to_dict(GenerationSettings()),
         "processor": to_dict(processor),
@@ -185,6 +236,7 @@ def _build_into(work: Path, base, adapter, revision, local_files_only, encoder_p
         "tokenizer": bare_tokenizer,
         "encoder": encoder.as_dict(),
         **({"attention": encoder.attention} if encoder.attention else {}),
+        **({"reference": reference} if reference else {}),
         "decoders": entries,
     })
 

@@ -33,10 +33,11 @@ FROM_FP32_GRAPH = ("ort-int4", "ort-int4-fp16")
 LOW_SPACE = 256 * 2**20
 
 
-def export_disk_need(counts: ParamCounts, encoder_precision: str, decoders, merge: bool) -> dict[str, int]:
+def export_disk_need(counts: ParamCounts, encoder_precision: str, decoders, merge: bool,
+                     reference: bool = False) -> dict[str, int]:
     """Bytes an export surely writes, by kind: a lower bound of what it holds on disk at once.
 
-    ``artifact``: its encoder and decoders; ``merged``: the merged fp32 weights (``merge``);
+    ``artifact``: its encoder and decoders, and with ``reference`` the shipped fp16 base; ``merged``: the merged fp32 weights (``merge``);
     ``graph``: the fp32 graph the int4 ONNX Runtime decoders are quantized from (one at a time), all
     three beside the artifact; ``tmp``: the fp32 language model ``bnb-int4`` saves to the system's
     temporary folder to quantize it. The decoders are built one after the other, so ``graph`` and
@@ -45,6 +46,7 @@ def export_disk_need(counts: ParamCounts, encoder_precision: str, decoders, merg
     language = counts.language_model
     encoder = counts.vision + counts.qformer + counts.projection
     artifact = encoder * ENCODER_BYTES[encoder_precision] + sum(DECODER_BYTES[d] * language for d in decoders)
+    artifact += 2 * counts.unique if reference else 0
     return {"artifact": int(artifact), "merged": 4 * counts.unique if merge else 0,
             "graph": 4 * language if any(d in FROM_FP32_GRAPH for d in decoders) else 0,
             "tmp": 4 * language if "bnb-int4" in decoders else 0}

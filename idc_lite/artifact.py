@@ -13,6 +13,8 @@ input and output names, and the manifest's schema as typed entries.
                                + past.{i}.key/value -> DECODER_LOGITS + present.{i}.key/value
     tokenizer.json, ...        tokenizer files
     preprocessor_config.json   the image processor's settings
+    reference/base/, adapter/  optional (REFERENCE_BASE_DIR, REFERENCE_ADAPTER_DIR): what the reference
+                               backend runs offline, safetensors only: the base in fp16 and the LoRA adapter
 
 :func:`load_manifest` parses the manifest into typed entries (a malformed one is one
 :class:`~idc_lite.errors.ArtifactError`) and, unless told not to, checks the folder: every file in it
@@ -64,6 +66,15 @@ TOKENIZER_FILE = "tokenizer.json"
 #: heads' attention probabilities (batch, heads, tokens, tokens), float32. Beside the encoder, whose
 #: external-data file it shares (graphs with inline weights hold their own copy of the ViT's).
 ATTENTION_FILE = "encoder-attention.onnx"
+#: The optional shipped reference (manifest ``reference``): the base model the artifact was built from,
+#: in fp16 safetensors with its config, tokenizer and processor files, and its LoRA adapter, unmerged
+#: (safetensors + adapter_config.json), so that the reference backend and the benchmarks run the
+#: artifact's own reference offline. Opt-in at export (``--ship-reference``): a real base is gigabytes.
+REFERENCE_DIR = "reference"
+REFERENCE_BASE_DIR = f"{REFERENCE_DIR}/base"
+REFERENCE_ADAPTER_DIR = f"{REFERENCE_DIR}/adapter"
+#: Suffixes a shipped reference may not hold: pickles (unpickling runs code) and Python (remote code).
+REFERENCE_REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".py")
 
 
 def attention_output(layer: int) -> str:
@@ -156,6 +167,16 @@ class AttentionEntry:
 
 
 @dataclass(frozen=True)
+class ReferenceEntry:
+    """The manifest's optional ``reference``: the shipped base model's folder, its storage precision,
+    and the LoRA adapter's folder (None when the artifact merged no adapter)."""
+
+    base: str
+    precision: str
+    adapter: str | None = None
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A parsed, checked manifest; ``path`` is the artifact directory and ``data`` the raw JSON."""
 
@@ -164,6 +185,7 @@ class Manifest:
     encoder: EncoderEntry
     decoders: dict[str, DecoderEntry]
     attention: AttentionEntry | None = None  # artifacts without an attention graph still load
+    reference: ReferenceEntry | None = None  # only artifacts built with --ship-reference ship one
 
     @property
     def name(self) -> str:
@@ -200,6 +222,15 @@ class Manifest:
     def file(self, relative: str) -> Path:
         """The path of a file the manifest names (already checked to stay inside the artifact)."""
         return self.path / relative
+
+    def reference_dirs(self) -> tuple[Path, Path | None]:
+        """The shipped reference's base folder and adapter folder (None: no adapter), checked like every
+        file when the manifest was loaded with ``verify``; an artifact without one is an :class:`ArtifactError`."""
+        if self.reference is None:
+            raise ArtifactError(self.path, "ships no reference model (built without --ship-reference); for the "
+                                "reference backend give its base with --model and its adapter with --adapter")
+        adapter = self.reference.adapter
+        return self.path / self.reference.base, None if adapter is None else self.path / adapter
 
     def decoder_dir(self, name: str) -> Path:
         return self.path / self.decoders[name].dir
@@ -273,18 +304,21 @@ def load_manifest(path: str | os.PathLike, verify: bool = True) -> Manifest:
     encoder = _parse_encoder(manifest_path, data["encoder"])
     decoders = {name: _parse_decoder(manifest_path, name, entry) for name, entry in data["decoders"].items()}
     attention = _parse_attention(manifest_path, data["attention"]) if data.get("attention") is not None else None
+    reference = _parse_reference(manifest_path, data["reference"], files) if data.get("reference") is not None else None
     if not decoders:
         raise ArtifactError(manifest_path, "malformed manifest: it lists no decoder")
     opened = [encoder.file, *(d.dir if d.graph is None else f"{d.dir}/{d.graph}" for d in decoders.values())]
     if attention is not None:
         opened.append(attention.file)
+    if reference is not None:
+        opened += [reference.base, *([reference.adapter] if reference.adapter else [])]
     tokenizer = data.get("tokenizer")
     if isinstance(tokenizer, dict) and tokenizer.get("runtime") == "tokenizers":
         opened.append(TOKENIZER_FILE)
     for relative in opened:
         if relative not in files and not any(f.startswith(relative.rstrip("/") + "/") for f in files):
             raise ArtifactError(root / relative, "not listed in the manifest's files")
-    manifest = Manifest(root, data, encoder, decoders, attention)
+    manifest = Manifest(root, data, encoder, decoders, attention, reference)
     for key in ("composition", "generation", "processor", "tokens"):
         getattr(manifest, key)  # a malformed settings object is one error now, not a TypeError later
     if verify:
@@ -358,6 +392,33 @@ def _parse_attention(manifest_path: Path, entry: Any) -> AttentionEntry:
         input=_field(manifest_path, entry, "input", str, what), outputs=tuple(outputs), grid=(grid[0], grid[1]),
         validation=entry.get("validation") if isinstance(entry.get("validation"), dict) else {}, **sizes,
     )
+
+
+def _parse_reference(manifest_path: Path, entry: Any, files: dict[str, dict]) -> ReferenceEntry:
+    """The ``reference`` entry; its folders must hold what the reference backend opens, in safetensors
+    only: the base's config.json and weights, the adapter's config and adapter_model.safetensors."""
+    from .adapters import CONFIG_NAME, SAFETENSORS_NAME
+
+    what = "reference"
+    if not isinstance(entry, dict):
+        raise _malformed(manifest_path, f"{what} is not an object")
+    base = _relative(manifest_path, entry.get("base"), f"{what}.base").rstrip("/")
+    adapter = entry.get("adapter")
+    adapter = None if adapter is None else _relative(manifest_path, adapter, f"{what}.adapter").rstrip("/")
+    precision = _field(manifest_path, entry, "precision", str, what)
+    needed = [f"{base}/config.json", *([f"{adapter}/{CONFIG_NAME}", f"{adapter}/{SAFETENSORS_NAME}"] if adapter else [])]
+    for relative in needed:
+        if relative not in files:
+            raise ArtifactError(manifest_path.parent / relative, "the shipped reference needs it, and the manifest "
+                                "does not list it")
+    if not any(name.startswith(f"{base}/") and name.endswith(".safetensors") for name in files):
+        raise ArtifactError(manifest_path.parent / base, "the shipped reference's base has no *.safetensors weights")
+    for name in files:
+        inside = name.startswith((f"{REFERENCE_DIR}/", f"{base}/", *([f"{adapter}/"] if adapter else [])))
+        if inside and name.lower().endswith(REFERENCE_REFUSED_SUFFIXES):
+            raise ArtifactError(manifest_path.parent / name, "refused: a shipped reference holds safetensors "
+                                "weights only (no pickle, no code)")
+    return ReferenceEntry(base=base, precision=precision, adapter=adapter)
 
 
 def _parse_decoder(manifest_path: Path, name: str, entry: Any) -> DecoderEntry:

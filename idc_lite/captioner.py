@@ -79,6 +79,7 @@ class Captioner:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
         dtype: override the reference backend's dtype (fp16 on CUDA, fp32 on CPU by default).
         backend: ``auto`` (lite for an artifact, reference otherwise), ``reference`` or ``lite``.
+            ``reference`` on an artifact runs the base and adapter it ships (``--ship-reference``).
         revision, local_files_only: for hub ids.
         merge_adapter: fold the LoRA weights into the base weights after loading.
         composition: how pairs are stacked (:class:`~idc_lite.settings.CompositionSettings`).
@@ -212,8 +213,9 @@ def _load_backend(model, adapter, *, backend, decoder=None, providers=None, thre
         return LiteBackend(model, adapter, device=options["device"], decoder=decoder, providers=providers, threads=threads)
     given = [name for name, value in (("decoder", decoder), ("providers", providers), ("threads", threads)) if value]
     if given:
-        raise OptionError(model, f"{' and '.join(given)} apply to the lite backend only, and this is not an idc-lite "
-                          "artifact: it runs on the reference backend")
+        why = ("this runs the artifact's shipped reference" if is_artifact(model) else
+               "this is not an idc-lite artifact: it runs on the reference backend")
+        raise OptionError(model, f"{' and '.join(given)} apply to the lite backend only, and {why}")
     require("torch", "the reference backend", "reference")
     require("transformers", "the reference backend", "reference")
     from .backends.reference import ReferenceBackend

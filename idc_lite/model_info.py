@@ -34,12 +34,13 @@ def _artifact_report(path, device: str) -> dict:
     encoder = manifest.encoder
     summary = {
         "format": f"{data['format']} v{data['format_version']}",
-        "base": _base(provenance.get("base") or {}),
+        "base": _base(provenance),
         "adapter": f"{adapter.get('name')} (r={adapter.get('r')}, sha256 {adapter.get('sha256', '')[:12]})" if adapter else "none",
         "encoder": f"{encoder.file} {encoder.precision}, " + _encoder_check(encoder.validation),
         "decoders": ", ".join(f"{name} ({entry.precision}, {_decoder_check(entry.validation)})"
                               for name, entry in manifest.decoders.items()),
         "tokenizer": _tokenizer(manifest.tokenizer or {}),
+        "reference": _reference(manifest.reference),
         "generation": ", ".join(f"{k}={v}" for k, v in data["generation"].items()),
         "composition": f"size policy {data['composition']['size_policy']}",
         "built": f"{data.get('created')} with idc-lite {data.get('built_with', {}).get('idc_lite')}",
@@ -58,13 +59,23 @@ def _tokenizer(entry: dict) -> str:
     return "transformers" + (f" ({entry['why']})" if entry.get("why") else " (not checked at export)")
 
 
-def _base(base: dict) -> str:
-    text = str(base.get("id"))
-    if base.get("revision"):
+def _reference(entry) -> str:
+    if entry is None:
+        return "not shipped (built without --ship-reference)"
+    adapter = f" + {entry.adapter}/" if entry.adapter else ""
+    return f"{entry.base}/ ({entry.precision}){adapter}, run with --backend reference"
+
+
+def _base(provenance: dict) -> str:
+    """The base's id, revision and commit, then any entries a recipe recorded (``recipe demo, seed 0``)."""
+    base = provenance.get("base") or {}
+    text = str(base["id"]) if base.get("id") else ""
+    if text and base.get("revision"):
         text += f"@{base['revision']}"
     if base.get("resolved"):
         text += f" (commit {base['resolved'][:12]})"
-    return text
+    recipe = ", ".join(f"{key} {value}" for key, value in provenance.items() if key not in ("base", "adapter"))
+    return ", ".join(part for part in (text.strip(), recipe) if part) or "not recorded"
 
 
 def _model_report(model, device: str) -> dict:

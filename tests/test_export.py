@@ -275,7 +275,7 @@ def test_cli_runs_artifacts_and_reports_on_them(artifact_int4, pairs, tmp_path, 
     assert "tokenizer: tokenizer.json through tokenizers, no transformers (same as transformers' on all" in text
     with pytest.raises(SystemExit) as info:
         main(["describe", str(tmp_path / "b.png"), str(tmp_path / "a.png"), "-m", str(artifact_int4), "--backend", "reference"])
-    assert info.value.code == 2 and "not a model directory" in capsys.readouterr().err
+    assert info.value.code == 2 and "ships no reference model (built without --ship-reference)" in capsys.readouterr().err
 
 
 def test_a_cosine_below_its_threshold_never_reads_as_the_threshold():

@@ -2,6 +2,11 @@
 
 It is the yardstick the lite path is measured against: fp16 on CUDA, fp32 on CPU, generation through
 transformers' own BLIP-2 ``generate``, with the settings and prefix shared with the lite path.
+
+Given an idc-lite artifact, it runs the reference the artifact ships (``reference/``, built with
+``--ship-reference``): the manifest is loaded and every file checked first, as the lite backend does,
+then the base (safetensors only) and the adapter (safetensors only) are loaded from the artifact, with
+the artifact's composition and generation settings as the defaults, as on the lite backend.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..adapters import apply_adapter, find_adapter
+from ..artifact import is_artifact, load_manifest
 from ..decoding import generate_kwargs, prefix_ids, token_settings
-from ..errors import ModelError, first_line
+from ..errors import AdapterError, ModelError, first_line
 from ..loading import check_blip2_dir, resolve_model_dir
 from ..runtime import quiet_libraries, resolve_device, resolve_dtype
 from ..settings import GenerationSettings, ProcessorSettings
@@ -27,12 +33,21 @@ class ReferenceBackend:
         self, model: str | os.PathLike, adapter: str | os.PathLike | None = None, *, revision: str | None = None,
         local_files_only: bool = False, device: str = "auto", dtype: str | None = None, merge_adapter: bool = False,
     ):
+        self.model_id = os.fspath(model)
+        adapter_name = None
+        if is_artifact(model):
+            if adapter is not None:
+                raise AdapterError(adapter, "an artifact's reference is its shipped base and adapter; give the "
+                                   "base with --model to run it with another adapter")
+            manifest = load_manifest(model)  # checks every file, the shipped reference's too
+            model, adapter = manifest.reference_dirs()
+            self.model_id, adapter_name, local_files_only = manifest.name, manifest.adapter_name, True
+            self.composition, self.generation = manifest.composition, manifest.generation
         model_dir = resolve_model_dir(model, revision, local_files_only)
         config = check_blip2_dir(model_dir)
         adapter_source = find_adapter(adapter) if adapter is not None else None
-        self.model_id = os.fspath(model)
         self.model_dir = model_dir
-        self.adapter = adapter_source.name if adapter_source else None
+        self.adapter = adapter_name or (adapter_source.name if adapter_source else None)
         self.tokens = token_settings(config, str(model_dir / "config.json"))
         self.processor = ProcessorSettings.from_model_dir(model_dir)
         self.device = resolve_device(device)

@@ -26,7 +26,8 @@ class ModelOptions:
         "--adapter", "-a", help="LoRA adapter folder (PEFT safetensors or legacy BLIP2IDC adapter_model.bin).")] = None
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda[:N].")] = "auto"
-    backend: Annotated[str, typer.Option("--backend", help="auto (lite for an artifact), reference or lite.")] = "auto"
+    backend: Annotated[str, typer.Option("--backend", help="auto (lite for an artifact), reference (for an "
+                                         "artifact: the base and adapter it ships) or lite.")] = "auto"
     dtype: Annotated[Optional[str], typer.Option(
         "--dtype", help="Reference backend dtype: fp32, fp16 or bf16 (default fp16 on CUDA, fp32 on CPU).")] = None
     max_new_tokens: Annotated[Optional[int], typer.Option(
