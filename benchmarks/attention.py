@@ -71,7 +71,7 @@ def corresponding_share(matrix: np.ndarray, mask: np.ndarray) -> tuple[np.ndarra
 
 def measure(model=None, n: int = 1080, seed: int = 0, layer: int = -1) -> dict:
     from idc_lite import Captioner
-    from idc_lite.tools.synth import CANVAS, CATEGORIES, generate_pair
+    from idc_lite.tools.synth import CATEGORIES, generate_pair
 
     captioner = Captioner(model)
     per_category: dict[str, dict[str, list]] = {c: {"region": [], "half": [], "chance": [], "patches": []}
@@ -84,7 +84,7 @@ def measure(model=None, n: int = 1080, seed: int = 0, layer: int = -1) -> dict:
     for index in range(n):
         pair = generate_pair(index, seed, "test")
         maps = captioner.attention(pair.before, pair.after, layer=layer)
-        mask = region_mask(changed_boxes(pair), (CANVAS, CANVAS), rows // 2, cols)
+        mask = region_mask(changed_boxes(pair), (pair.before_scene.width, pair.before_scene.height), rows // 2, cols)
         region, half = corresponding_share(maps.matrix, mask)
         entry = per_category[pair.category]
         entry["region"].append(region)

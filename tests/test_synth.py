@@ -16,19 +16,28 @@ from typer.testing import CliRunner
 from idc_lite.cli.synth import synth
 from idc_lite.tools.datasets import read_dataset, read_jsonl
 from idc_lite.tools.synth import (
+    BACKGROUNDS,
     CANVAS,
     CATEGORIES,
-    GAP,
+    COLORS,
+    MAX_OBJECTS,
+    MAX_SIDE,
+    MIN_SIDE,
     PIXEL_BLOCK,
+    SHIFTED_RANGES,
+    SMALL_LIMIT,
+    TRAIN_RANGES,
     Scene,
     SceneObject,
     _short_name,
     describe_scene,
     generate_pair,
+    list_differences,
     pair_rng,
     position_word,
     random_scene,
     render_scene,
+    visible_on,
     write_dataset,
 )
 
@@ -50,16 +59,19 @@ def _pixels(image) -> np.ndarray:
 
 
 def _diff(pair) -> np.ndarray:
-    """Per-pixel largest channel difference between after and before."""
-    return np.abs(_pixels(pair.after) - _pixels(pair.before)).max(axis=2)
+    """Per-pixel largest channel difference between after and before (rendered at after's size)."""
+    before = pair.before if pair.before.size == pair.after.size else render_scene(pair.before_scene, pair.after.size)
+    return np.abs(_pixels(pair.after) - _pixels(before)).max(axis=2)
 
 
 def _changed_inside(pair, boxes, threshold: int = 8) -> None:
-    """Every visibly changed pixel lies in one of ``boxes`` (grown by 2 px for anti-aliasing)."""
+    """Every visibly changed pixel lies in one of ``boxes`` (scene pixels, grown by 2 px for anti-aliasing)."""
     ys, xs = np.nonzero(_diff(pair) > threshold)
     assert len(xs) > 0
+    zoom = pair.after.width / pair.before_scene.width
     inside = np.zeros(len(xs), dtype=bool)
     for x0, y0, x1, y1 in boxes:
+        x0, y0, x1, y1 = (v * zoom for v in (x0, y0, x1, y1))
         inside |= (xs >= x0 - 2) & (xs <= x1 + 2) & (ys >= y0 - 2) & (ys <= y1 + 2)
     assert inside.all()
 
@@ -126,7 +138,7 @@ def test_background_and_global_change_most_of_the_image(pairs):
 
 @pytest.mark.parametrize("style", ["grayscale", "posterized", "pixelated"])
 def test_every_style_changes_the_whole_picture(style):
-    scene = random_scene(np.random.default_rng(5), n_objects=4)
+    scene = random_scene(np.random.default_rng(5), n_objects=4, canvas=(CANVAS, CANVAS))
     before, after = render_scene(scene), render_scene(Scene(scene.background, scene.objects, effect=style))
     pixels = _pixels(after)
     if style == "pixelated":
@@ -141,8 +153,9 @@ def test_every_style_changes_the_whole_picture(style):
 
 def test_none_differs_only_by_faint_noise(pairs):
     for pair in _of(pairs, "none"):
-        assert 0 < _diff(pair).max() <= 2
         assert pair.before_scene == pair.after_scene
+        if pair.after.size == pair.before.size:
+            assert 0 < _diff(pair).max() <= 2
 
 
 # ------------------------------------------------------------------------------------- captions
@@ -213,23 +226,25 @@ def test_position_words():
 
 
 # -------------------------------------------------------------------------------------- scenes
-def _apart(a, b) -> bool:
-    return a[0] >= b[2] + GAP or b[0] >= a[2] + GAP or a[1] >= b[3] + GAP or b[1] >= a[3] + GAP
+def _apart(a, b, gap) -> bool:
+    return a[0] >= b[2] + gap or b[0] >= a[2] + gap or a[1] >= b[3] + gap or b[1] >= a[3] + gap
 
 
-def test_objects_and_text_never_overlap_and_stay_on_the_canvas(pairs):
+def test_objects_and_text_never_overlap_stay_on_the_canvas_and_stand_out(pairs):
     for scene in itertools.chain.from_iterable((p.before_scene, p.after_scene) for p in pairs):
         boxes = [o.box for o in scene.objects] + ([scene.text.box] if scene.text else [])
-        assert 1 <= len(scene.objects) <= 5
-        assert all(0 <= x0 and 0 <= y0 and x1 <= CANVAS and y1 <= CANVAS for x0, y0, x1, y1 in boxes)
-        assert all(_apart(a, b) for a, b in itertools.combinations(boxes, 2))
+        assert 0 <= len(scene.objects) <= MAX_OBJECTS
+        assert all(0 <= x0 and 0 <= y0 and x1 <= scene.width and y1 <= scene.height for x0, y0, x1, y1 in boxes)
+        assert all(_apart(a, b, scene.gap) for a, b in itertools.combinations(boxes, 2))
         assert len({(o.size, o.color, o.shape) for o in scene.objects}) == len(scene.objects)
+        colors = [o.color for o in scene.objects] + ([scene.text.color] if scene.text else [])
+        assert all(visible_on(COLORS[c], scene.background_rgb) for c in colors), (colors, scene.background)
 
 
 def test_single_scene_render_and_description():
     scene = random_scene(np.random.default_rng(11))
     image = render_scene(scene)
-    assert image.size == (CANVAS, CANVAS) and image.mode == "RGB"
+    assert image.size == (scene.width, scene.height) and image.mode == "RGB"
     caption = describe_scene(scene)
     assert caption.endswith(f" on a {scene.background} background")
     for obj in scene.objects:
@@ -264,3 +279,82 @@ def test_cli_writes_a_dataset_and_prints_its_path(tmp_path: Path):
     assert len(read_jsonl(tmp_path / "train.jsonl")) == 3
     bad = runner.invoke(app, [str(tmp_path), "--n", "1", "--split", "dev"])
     assert bad.exit_code == 2 and "dev" in bad.output
+
+
+# ---------------------------------------------------------------------------------- the wide world
+def _in(value: float, intervals, slack: float = 0.0) -> bool:
+    return any(lo - slack <= value <= hi + slack for lo, hi in intervals)
+
+
+@pytest.mark.parametrize("split, ranges, other", [("train", TRAIN_RANGES, SHIFTED_RANGES),
+                                                  ("shifted", SHIFTED_RANGES, TRAIN_RANGES)])
+def test_each_split_draws_from_its_own_ranges(split, ranges, other):
+    """Image sizes, aspects, object sizes and background shades come from the split's ranges, which
+    the shifted split and the others never share."""
+    shown = {"long": [], "aspect": [], "small": [], "large": [], "shade": [], "sides": []}
+    for index in range(90):
+        pair = generate_pair(index, seed=5, split=split)
+        scene = pair.before_scene
+        shown["long"].append(max(scene.width, scene.height))
+        shown["aspect"].append(scene.width / scene.height)
+        shown["shade"] += [abs(v) for v in scene.shade]
+        shown["sides"] += [max(pair.before.size), max(pair.after.size)]
+        for obj in scene.objects:
+            shown[obj.size].append(obj.extent / scene.short_side)
+    side_slack = 1 / 16  # rounding to whole pixels
+    assert all(_in(v, ranges.long_side, 1) and not _in(v, other.long_side, -1) for v in shown["long"])
+    assert all(_in(v, ranges.aspect, 0.01) for v in shown["aspect"])
+    assert all(_in(v, ranges.small, side_slack / 8) and v < SMALL_LIMIT for v in shown["small"])
+    assert all(_in(v, ranges.large, side_slack / 8) and v >= SMALL_LIMIT for v in shown["large"])
+    assert all(_in(v, ranges.shade, 0.5) for v in shown["shade"])
+    assert all(MIN_SIDE <= v <= MAX_SIDE for v in shown["sides"])
+    assert shown["small"] and shown["large"]
+
+
+def test_the_world_is_wide():
+    """Non-square images, every background (white included), 1 to 8 objects, resized after images."""
+    pairs = [generate_pair(index, seed=6, split="train") for index in range(400)]
+    scenes = [p.before_scene for p in pairs]
+    assert {s.background for s in scenes} == set(BACKGROUNDS)
+    assert {len(s.objects) for s in scenes} >= set(range(1, MAX_OBJECTS + 1))
+    assert sum(s.width != s.height for s in scenes) > 300
+    resized = [p for p in pairs if p.after.size != p.before.size]
+    assert 0.15 < len(resized) / len(pairs) < 0.35
+    for pair in resized[:5]:  # the same scene, only larger or smaller
+        assert abs(pair.after.width / pair.after.height - pair.before.width / pair.before.height) < 0.05
+
+
+def test_the_leading_reference_is_not_always_one_template():
+    firsts = {c: set() for c in ("add", "remove", "color", "local", "background", "text")}
+    for index in range(9 * 30):
+        pair = generate_pair(index, seed=7, split="train")
+        if pair.category in firsts:
+            firsts[pair.category].add(" ".join(w for w in pair.references[0].split() if w in
+                                                ("added", "appeared", "removed", "missing", "turned", "changed",
+                                                 "moved", "shifted", "from", "became", "written", "letters")))
+    assert all(len(verbs) >= 2 for verbs in firsts.values()), firsts
+
+
+def test_a_category_can_be_asked_for():
+    assert generate_pair(0, split="train", category="none").category == "none"
+    assert generate_pair(0, split="train", category="none").before_scene != generate_pair(0, split="train").before_scene
+    with pytest.raises(ValueError, match="category"):
+        generate_pair(0, category="rotate")
+
+
+def test_differences_list_what_is_in_one_half_and_not_the_other(pairs):
+    for pair in pairs:
+        listed = pair.differences
+        assert listed == list_differences(pair.before_scene, pair.after_scene) and listed.startswith("differences: ")
+        gone = set(pair.before_scene.objects) - set(pair.after_scene.objects)
+        new = set(pair.after_scene.objects) - set(pair.before_scene.objects)
+        if pair.category == "none":
+            assert listed == "differences: none"
+        for obj in gone:
+            assert "top only" in listed and obj.full_name in listed.split("; bottom only")[0] or "moved" in listed
+        for obj in new:
+            assert f"bottom only" in listed and obj.full_name in listed.split("bottom only")[-1] or "moved" in listed
+        if pair.category == "background":
+            assert f"top only {'an' if pair.before_scene.background[0] in 'aeiou' else 'a'} {pair.before_scene.background} background" in listed
+        if pair.category in ("style", "global"):
+            assert listed.startswith("differences: bottom only ") and "top only" not in listed

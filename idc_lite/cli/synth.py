@@ -12,7 +12,7 @@ def synth(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write images/ and <split>.jsonl into.")],
     n: Annotated[int, typer.Option("--n", min=0, help="Number of pairs.")] = 1000,
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Dataset seed.")] = 0,
-    split: Annotated[str, typer.Option("--split", help="train, val or test: each has its own pairs.")] = "test",
+    split: Annotated[str, typer.Option("--split", help="train, val, test or shifted (ranges training never sees): each has its own pairs.")] = "test",
 ) -> None:
     """Write N synthetic (before, after) pairs with reference captions, and print the JSONL path.
 
