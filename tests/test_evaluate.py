@@ -12,6 +12,7 @@ from conftest import MAX_NEW_TOKENS
 from idc_lite.cli import main
 from idc_lite.tools.datasets import read_dataset
 from idc_lite.errors import InputError
+from idc_lite.tools.kinds import says_kind
 from idc_lite.tools.evaluate import PREDICTION_FIELDS, TABLE_METRICS, evaluate, format_tables
 from idc_lite.tools.metrics import CIDER_DF_NOTE_KEY, OVERALL, score, score_by_category
 from idc_lite.tools.synth import CATEGORIES, write_dataset
@@ -83,11 +84,16 @@ def test_the_report_scores_are_the_metrics_on_the_predictions(full_run, dataset)
     assert (report["n"], report["scored"], report["failed"], report["failures"]) == (18, 18, 0, {})
     assert report["meteor"] == {"available": False, "reason": "not requested (meteor=False)"}
     assert report["timing"]["described"] == 18 and report["timing"]["pairs_per_second"] > 0
+    hits = {c: [says_kind(captions[r.id], c) for r in records if r.category == c] for c in CATEGORIES}
+    assert report["right_kind"]["per_category"] == {c: round(sum(h) / len(h), 4) for c, h in hits.items()}
+    assert report["right_kind"]["overall"] == round(sum(map(sum, hits.values())) / 18, 4)
 
     tables = format_tables(report)
     assert all(f"| {category} " in tables for category in CATEGORIES) and "| overall " in tables
     assert f"{report['table_x100']['overall']['CIDEr']:.2f}" in tables and "n/a" in tables
-    assert len({len(line) for line in tables.splitlines() if line.startswith("|")}) <= 2  # aligned columns
+    assert "| right kind " in tables
+    for block in tables.split("\n\n"):  # each table's columns are aligned
+        assert len({len(line) for line in block.splitlines() if line.startswith("|")}) <= 2
 
 
 def test_a_resumed_run_describes_only_the_missing_pairs(reference, dataset, full_run, tmp_path):

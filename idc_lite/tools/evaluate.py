@@ -10,6 +10,9 @@ This is what ``idc-lite eval`` runs, as a function that benchmarks and notebooks
 - Scores are the COCO caption toolkit's (:mod:`idc_lite.tools.metrics`): overall, and per change category
   laid out like BLIP2IDC's Table 5 (rows = categories; columns BLEU-4, METEOR, ROUGE-L, CIDEr).
   The report keeps the raw numbers on the toolkit's scale and the x100 numbers papers print.
+- On datasets labelled with the synthetic world's categories, the share of captions that state the
+  right kind of change (:mod:`idc_lite.tools.kinds`), overall and per category: CIDEr credits a
+  caption that names the right object with the wrong change; this does not.
 """
 
 from __future__ import annotations
@@ -85,7 +88,9 @@ def evaluate(
     failures = {key: p["error"] for key, p in outcome.items() if p.get("error")}
     scored = [record for record in selected if record.id not in failures]
     started = time.perf_counter()
-    overall, per_category, cider_note = _score(scored, {r.id: outcome[r.id]["caption"] for r in scored}, meteor)
+    captions = {r.id: outcome[r.id]["caption"] for r in scored}
+    overall, per_category, cider_note = _score(scored, captions, meteor)
+    right_kind = _right_kind(scored, captions)
     score_s = time.perf_counter() - started
 
     return {
@@ -106,6 +111,7 @@ def evaluate(
             "overall": None if overall is None else _x100(overall),
             "per_category": {name: _x100(scores) for name, scores in per_category.items()},
         },
+        "right_kind": right_kind,
         "cider_document_frequencies": cider_note,
         "meteor": _meteor_status(overall),
         "timing": {
@@ -166,6 +172,25 @@ def _score(
     return overall, by_category, note
 
 
+def _right_kind(scored: list[PairRecord], captions: dict[str, str]) -> dict | None:
+    """Shares of captions stating their pair's kind of change, overall and per category; None when
+    the pairs are not (all) labelled with the synthetic world's categories."""
+    from .kinds import says_kind
+    from .synth import CATEGORIES
+
+    if not scored or any(record.category not in CATEGORIES for record in scored):
+        return None
+    hits: dict[str, list[bool]] = {}
+    for record in scored:
+        hits.setdefault(record.category, []).append(says_kind(captions[record.id], record.category))
+    every = [hit for values in hits.values() for hit in values]
+    return {
+        "rule": "idc_lite.tools.kinds.kind_of (docs/model-card.md)",
+        "overall": round(sum(every) / len(every), 4),
+        "per_category": {name: round(sum(hits[name]) / len(hits[name]), 4) for name in CATEGORIES if name in hits},
+    }
+
+
 def _x100(scores: Scores) -> dict[str, float | None]:
     return {name: None if scores[name] is None else round(100 * scores[name], 2) for name in TABLE_METRICS}
 
@@ -189,6 +214,12 @@ def format_tables(report: dict) -> str:
         lines += ["", "Per category, x100 (CIDEr-D document frequencies from each category's references)", ""]
         rows = [_row(name, report["per_category"][name]["n"], values) for name, values in table["per_category"].items()]
         lines += _markdown(header, rows)
+    kind = report.get("right_kind")
+    if kind:
+        names = list(kind["per_category"])
+        lines += ["", "The right kind of change (share of captions; the strict rule of docs/model-card.md)", ""]
+        lines += _markdown(["", "overall", *names],
+                           [["right kind", f"{kind['overall']:.2f}", *(f"{kind['per_category'][n]:.2f}" for n in names)]])
     if report["meteor"]["available"] is False and table["overall"] is not None:
         lines += ["", f"METEOR n/a: {report['meteor']['reason']}"]
     return "\n".join(lines)
