@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import ipaddress
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from idc_lite.hashing import file_sha256
+from idc_lite.runtime import is_loopback
 
 from .errors import DownloadError
 
@@ -111,18 +111,9 @@ def check_origin(url: str, what: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname or parts.username or parts.password:
         raise DownloadError(url, f"{what} must be an https URL (http only for a server on this machine)")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise DownloadError(url, f"{what} must be an https URL (http only for a server on this machine)")
     return url.rstrip("/")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

@@ -1,12 +1,24 @@
-"""Shared runtime plumbing: device choice, dtype names, quiet library imports."""
+"""Shared runtime plumbing: device choice, dtype names, quiet library imports, which hosts are this machine."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import sys
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this machine only."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def quiet_libraries() -> None:

@@ -23,7 +23,8 @@ import hmac
 import json
 from urllib.parse import urlsplit
 
-from .config import ServeConfig, is_loopback
+from ..runtime import is_loopback
+from .config import ServeConfig
 from .inputs import ApiError, body_too_large
 
 #: Paths served without a token: the static page and its files, the API's description (nothing secret).
