@@ -248,7 +248,7 @@ class Scene:
 
 @dataclass(frozen=True)
 class SynthPair:
-    """A generated pair. ``after`` is the after scene rendered (at ``after_size``), plus faint noise for ``none``."""
+    """A generated pair. ``after`` is the after scene rendered (at another size in some pairs), plus faint noise for ``none``."""
 
     before: Image.Image
     after: Image.Image
