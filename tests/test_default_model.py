@@ -13,17 +13,15 @@ from idc_lite import Captioner
 from idc_lite.default_model import EMBEDDED_DIR
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
-#: Words a caption of each change category uses (the world's templates), to check what a caption says.
-CATEGORY_WORDS = {
-    "add": ("added", "new", "appeared", "extra"),
-    "remove": ("removed", "gone", "disappeared", "missing", "no longer"),
-    "color": ("turned", "color", "painted", "is now", "now"),
-    "local": ("moved", "shifted"),
-    "background": ("background",),
-    "text": ("word", "text", "written", "wrote"),
-    "style": ("grayscale", "posterize", "pixel", "blocky", "black and white", "colors", "filter", "coarser"),
-    "global": ("darker", "brighter", "brightness", "darkened", "brightened"),
-    "none": ("nothing", "same", "no change", "identical", "no difference"),
+#: What each example pair shows: its kind of change and words naming what changed (the object's
+#: shape and, where the caption must say it, its colour; the new background; the written word).
+EXAMPLE_TRUTH = {
+    "add": ("add", ("square", "blue")),
+    "remove": ("remove", ("square",)),
+    "color": ("color", ("triangle", "black")),
+    "local": ("local", ("circle",)),
+    "background": ("background", ("beige",)),
+    "text": ("text", ("'dog'",)),
 }
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_DIR / "manifest.json").is_file(), reason="no embedded model in this checkout")
@@ -63,21 +61,46 @@ def test_the_cli_describes_the_readme_example_offline():
     assert done.stdout.strip() and "idc-lite-demo, the embedded default" in done.stderr
 
 
-def test_captions_say_what_kind_of_change_happened(default):
-    """On unseen test-split pairs, captions use the words of the right change category far above chance.
+#: The example pairs the shipped model still describes wrongly (issue 18): each is an xfail that must
+#: fail, so that a model that gets one right turns it into a failure until it is taken off this list.
+WRONG_TODAY = {"add", "remove", "color", "local", "text"}
 
-    Chance is 1/9 per category; a decoder that ignored the picture would repeat one phrasing (e.g.
-    "... moved to the lower right") and score about 0.11. The shipped model misses `add` and `none`
-    (README "The embedded default model"), and its two int4 decoders, different roundings of the
-    same weights, score within a few pairs of each other here: the floor of 0.35, three times
-    chance, catches a broken encoder or decoder path and leaves room for any CPU's rounding.
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="issue 18: the shipped model does not compare"))
+    if name in WRONG_TODAY else name for name in EXAMPLE_TRUTH])
+def test_the_example_pair_is_described_with_the_right_kind_of_change_and_object(default, name):
+    """The six pairs of examples/ (the README's first command is add.png), read with the strict rule."""
+    from idc_lite.tools.kinds import kind_of
+
+    kind, words = EXAMPLE_TRUTH[name]
+    caption = default.describe(EXAMPLES / "before" / f"{name}.png", EXAMPLES / "after" / f"{name}.png").caption
+    assert kind_of(caption) == kind and all(w in caption for w in words), caption
+
+
+@pytest.mark.parametrize("split", ["test", "shifted"])
+def test_captions_say_what_kind_of_change_happened(default, split):
+    """On unseen pairs of the wide world, captions state the right kind of change (the strict rule) in
+    more than one category, above chance overall.
+
+    Chance is 1/9; a broken encoder, decoder or composition path repeats one caption and can be right
+    in one category only. The shipped model is right far above these floors in `global` and `text`
+    only (docs/model-card.md: it does not compare the halves, issue 18); the floors leave room for
+    any CPU's int4 rounding.
     """
+    from collections import defaultdict
+
+    from idc_lite.tools.kinds import says_kind
     from idc_lite.tools.synth import CATEGORIES, generate_pair
 
-    pairs = [generate_pair(i, seed=0, split="test") for i in range(5000, 5000 + 16 * len(CATEGORIES))]
+    pairs = [generate_pair(i, seed=0, split=split) for i in range(5000, 5000 + 12 * len(CATEGORIES))]
     results = list(default.describe_batch([(p.before, p.after) for p in pairs], batch_size=12))
-    right = [any(w in r.caption for w in CATEGORY_WORDS[p.category]) for p, r in zip(pairs, results)]
-    assert sum(right) / len(right) >= 0.35, [(p.category, r.caption) for p, r, ok in zip(pairs, results, right) if not ok]
+    right = defaultdict(list)
+    for pair, result in zip(pairs, results):
+        right[pair.category].append(says_kind(result.caption, pair.category))
+    shares = {c: sum(v) / len(v) for c, v in right.items()}
+    overall = sum(map(sum, right.values())) / len(pairs)
+    assert overall >= 0.15 and sum(share >= 0.25 for share in shares.values()) >= 2, (overall, shares)
 
 
 def test_a_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path):
