@@ -2,12 +2,23 @@
 
 Everything is built here, offline, in a few seconds and without training: no hub, no download, and
 the same weights on every machine (numpy's generator; see :mod:`idc_lite.tools.modelgen`).
+
+Work that tests wait for only later and that runs in processes of its own (the benchmark pipeline's
+smoke run, the COCO toolkit's Java processes) is started when the session starts, if a collected
+test needs it (:func:`_start_early`): it then takes what the tests leave of the cores instead of
+the suite's time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +26,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach the network during tests
 
+ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
 MAX_NEW_TOKENS = 10
 #: A test adapter's B @ A, as a share of the standard deviation of the weight it adds to.
@@ -23,6 +35,156 @@ ADAPTER_STRENGTH = 0.1
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs the benchmark pipeline end to end (deselect with -m 'not slow')")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files with slow tests run last (each file's tests stay together and in order): the work they
+    wait for, started when the session starts (:func:`_start_early`), is done by then."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] in slow)  # a stable sort
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_early(request, tmp_path_factory):
+    """Start what collected tests will wait for, before the first test runs, so that it runs beside them.
+
+    - A test file may define ``start_early(tmp_path_factory, items)``: it is called with the file's
+      collected tests, to start work of its own (:data:`BACKGROUND`, :func:`in_background`) that its
+      fixtures then wait for. What is left of the queue when the session ends is stopped.
+    - The METEOR process that every scoring call shares (``idc_lite.tools.metrics.meteor.start_shared``)
+      is started when a collected test needs Java: it loads its paraphrase table (seconds) meanwhile.
+    """
+    items = request.session.items
+    by_module = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and callable(getattr(module, "start_early", None)):
+            by_module.setdefault(module, []).append(item)
+    for module, module_items in by_module.items():
+        module.start_early(tmp_path_factory, module_items)
+    if any(_needs_java(item) for item in items):
+        from idc_lite.tools.metrics import meteor
+
+        with contextlib.suppress(meteor.MeteorError):  # a Java that fails to start fails the tests that need it
+            pid = meteor.start_shared()  # None when METEOR is unavailable here
+            if pid is not None:
+                _lower_priority(pid)
+    yield
+    BACKGROUND.stop()
+
+
+def _needs_java(item) -> bool:
+    return any("java" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif"))
+
+
+def _lower_priority(pid: int) -> None:
+    """Give process ``pid`` (and the processes it starts) the background's priority: tests go first."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, pid, Background.NICE)
+
+
+def in_background(function, *args) -> Future:
+    """``function(*args)`` in a thread of its own (for work that waits on processes: the GIL is free).
+    On Linux, where a thread has a priority of its own, the thread and the processes it starts run at
+    the background's priority."""
+    future: Future = Future()
+
+    def run() -> None:
+        if sys.platform.startswith("linux"):
+            _lower_priority(threading.get_native_id())
+        try:
+            future.set_result(function(*args))
+        except BaseException as exc:  # raised in the test that waits for it
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
+class Job:
+    """A command in the :class:`Background` queue; :meth:`result` waits for it."""
+
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path):
+        self.command, self.env, self.cwd = command, env, cwd
+        self._done = threading.Event()
+        self._result: subprocess.CompletedProcess | BaseException | None = None
+
+    def finish(self, result: subprocess.CompletedProcess | BaseException) -> None:
+        self._result = result
+        self._done.set()
+
+    def result(self) -> subprocess.CompletedProcess:
+        """How the command ended (its output captured as text); waits until it has."""
+        self._done.wait()
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+
+class Background:
+    """One queue of commands for the session: run one after the other (in the order submitted), each in a
+    process (and process group) of its own, at a lower priority, so that the test that is running goes
+    first and the queue takes what the tests leave of the cores."""
+
+    NICE = 10
+
+    def __init__(self):
+        self._queue: list[Job] = []
+        self._ready = threading.Condition()
+        self._process: subprocess.Popen | None = None
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, command: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> Job:
+        job = Job(command, dict(os.environ) if env is None else env, cwd)
+        with self._ready:
+            if self._stopped:
+                job.finish(RuntimeError("not run: the session had ended"))
+                return job
+            self._queue.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True)
+                self._thread.start()
+            self._ready.notify()
+        return job
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._stopped:
+                    self._ready.wait()
+                if self._stopped:
+                    return
+                job = self._queue.pop(0)
+                try:
+                    self._process = subprocess.Popen(job.command, env=job.env, cwd=job.cwd, stdout=subprocess.PIPE,
+                                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+                except BaseException as exc:  # raised in the test that waits for it
+                    job.finish(exc)
+                    continue
+                _lower_priority(self._process.pid)
+            out, err = self._process.communicate()
+            job.finish(subprocess.CompletedProcess(job.command, self._process.returncode, out, err))
+
+    def stop(self) -> None:
+        """End the command running now, its children with it, and start no other."""
+        with self._ready:
+            self._stopped = True
+            process, pending, self._queue = self._process, self._queue, []
+            self._ready.notify()
+        for job in pending:
+            job.finish(RuntimeError("not run: the session ended first"))
+        if process is not None and process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (AttributeError, OSError):
+                process.kill()
+        if self._thread is not None:
+            self._thread.join(30)
+
+
+#: The session's queue of background commands (:func:`_start_early`).
+BACKGROUND = Background()
 
 
 def random_pairs(n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -4,6 +4,11 @@ No timing is asserted (a benchmark measures, a test asserts behaviour): only tha
 in its own process, that every figure the report shows is in results.json, that each ratio is the
 quotient of the two figures stored beside it, that targets say pass exactly when the ratio is
 within the limit, and that generation is forced to the asked number of new tokens.
+
+The runs themselves (the smoke run, then the fp16-encoder build on its cache) start in the background
+when the session starts (:func:`start_early`, called by conftest.py, puts them in the session's
+background queue), and this file's tests run last (they are marked slow): by then the runs are
+done, on what the other tests left of the cores.
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,33 +27,58 @@ from PIL import Image
 from benchmarks.compare import TARGETS, batch_value
 from benchmarks.machine import describe
 from benchmarks.measure import exactly_new_tokens
-from conftest import random_pairs
+from conftest import BACKGROUND, random_pairs
 
 pytestmark = pytest.mark.slow
 
 BATCH_SIZES = [1, 2]
 NEW_TOKENS = 3
 QUALITY_PAIRS = 2
+#: The same tiny model with an fp16 encoder, built into the smoke run's cache after it.
+FP16_BUILD = ("import json, sys; from pathlib import Path; from benchmarks.models import random_subject; "
+              "print(json.dumps(random_subject(None, Path(sys.argv[1]), Path(sys.argv[2]), "
+              "encoder_precision='fp16').to_dict()))")
+
+_runs: SimpleNamespace | None = None
+
+
+def start_early(tmp_path_factory, items) -> None:
+    """:func:`start_runs`, if a collected test uses them (conftest.py calls this when the session starts)."""
+    if any("bench_runs" in item.fixturenames for item in items):
+        start_runs(tmp_path_factory)
+
+
+def start_runs(tmp_path_factory) -> SimpleNamespace:
+    """``python -m benchmarks --tiny`` (``.smoke``; its output folder ``.out``, its model cache ``.cache``),
+    then :func:`benchmarks.models.random_subject` with an fp16 encoder on the same cache (``.fp16``), in
+    the session's background queue (conftest.py); once per session."""
+    global _runs
+    if _runs is None:
+        out = tmp_path_factory.mktemp("bench") / "out"
+        cache = tmp_path_factory.mktemp("bench-cache")
+        # One thread per process: tiny models gain nothing from two, and on a busy machine OpenMP's
+        # spinning threads make them many times slower.
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        smoke = [sys.executable, "-m", "benchmarks", "--tiny", "--batch-sizes", *map(str, BATCH_SIZES),
+                 "--repeats", "1", "--new-tokens", str(NEW_TOKENS), "--quality", str(QUALITY_PAIRS),
+                 "--out", str(out), "--cache-dir", str(cache)]
+        fp16 = [sys.executable, "-c", FP16_BUILD, str(cache), str(out.parent / "fp16-logs")]
+        _runs = SimpleNamespace(out=out, cache=cache, smoke=BACKGROUND.submit(smoke, env),
+                                fp16=BACKGROUND.submit(fp16, env))
+    return _runs
 
 
 @pytest.fixture(scope="module")
-def bench_cache(tmp_path_factory):
-    """The benchmarks' model cache, shared by the tests here: the seed-0 tiny model is built once."""
-    return tmp_path_factory.mktemp("bench-cache")
+def bench_runs(tmp_path_factory):
+    """The runs :func:`start_early` started when the session started."""
+    return start_runs(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory, bench_cache):
+def bench(bench_runs):
     """One smoke run of ``python -m benchmarks --tiny``: the results folder and results.json."""
-    out = tmp_path_factory.mktemp("bench") / "out"
-    cache = bench_cache
-    # One thread per process: tiny models gain nothing from two, and on a busy machine OpenMP's
-    # spinning threads make them many times slower.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--tiny", "--batch-sizes", *map(str, BATCH_SIZES), "--repeats", "1",
-         "--new-tokens", str(NEW_TOKENS), "--quality", str(QUALITY_PAIRS), "--out", out, "--cache-dir", cache],
-        env=env, capture_output=True, text=True, check=False)
+    out = bench_runs.out
+    done = bench_runs.smoke.result()
     report = out / "results.md"
     assert done.returncode == 0, done.stderr + (report.read_text() if report.is_file() else "")
     assert done.stdout.strip() == str(out / "results.md")
@@ -175,14 +205,19 @@ def test_forcing_new_tokens_generates_exactly_that_many(bench):
         assert backend.tokens.eos_token_ids == tuple(first)  # restored afterwards
 
 
-def test_encoder_precision_is_built_and_cached_apart(bench, bench_cache, tmp_path, monkeypatch):
+def test_encoder_precision_is_built_and_cached_apart(bench, bench_runs, tmp_path):
     from benchmarks.models import DEFAULT_DECODERS, random_subject
     from idc_lite.artifact import load_manifest
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    subject = random_subject(None, bench_cache, tmp_path / "logs", encoder_precision="fp16")
+    built = bench_runs.fp16.result()  # random_subject(encoder_precision="fp16") on the smoke run's cache, after it
+    assert built.returncode == 0, built.stderr
     fp32 = bench[1]["subject"]  # the smoke run's: same model and decoders, fp32 encoder
-    assert str(subject.reference_model) == fp32["reference_model"]  # the model is not rebuilt
+    record = json.loads((Path(fp32["build"]["cache"]) / "build.json").read_text())
+    assert record["model"] == fp32["build"]["stages"]["model"]  # the fp16 build did not rebuild the model
+    subject = random_subject(None, bench_runs.cache, tmp_path / "logs", encoder_precision="fp16")
+    assert not (tmp_path / "logs").exists()  # built once: this call found it and ran no build stage
+    assert json.loads(built.stdout) == subject.to_dict()
+    assert str(subject.reference_model) == fp32["reference_model"]
     assert subject.artifact.name == f"artifact-{'+'.join(DEFAULT_DECODERS)}-encoder-fp16" != Path(fp32["artifact"]).name
     manifest = load_manifest(subject.artifact)
     assert manifest.encoder.precision == "fp16" and list(manifest.decoders) == list(DEFAULT_DECODERS)

@@ -447,26 +447,33 @@ def test_big_encoders_are_exported_in_a_process_of_their_own(tiny_model, legacy_
     """What a big encoder's export leaves allocated goes with its process; the artifact is the same, and
     the child's errors reach the caller as the typed errors they are."""
     import pickle
+    from concurrent.futures import ThreadPoolExecutor
 
     from export import build as build_module
     from idc_lite.errors import IdcError, ModelError
 
-    spawned = []
     in_child = build_module._in_child
-    monkeypatch.setattr(build_module, "_in_child", lambda function, *args: spawned.append(function.__name__)
-                        or in_child(function, *args))
-    monkeypatch.setattr(build_module, "ENCODER_CHILD_PARAMETERS", 0)
-    child = build_artifact(tiny_model, tmp_path / "child", legacy_adapter, decoder_precision="fp32")
-    assert spawned == ["_encoder_stage"]
-    assert captions(Captioner(child), pairs) == captions(Captioner(artifact, decoder="torch-fp32"), pairs)
-
-    error = pickle.loads(pickle.dumps(QuantizationError(tmp_path / "x.onnx", "cosine 0.5 < 0.98")))
-    assert type(error) is QuantizationError and str(error) == f"{tmp_path / 'x.onnx'}: cosine 0.5 < 0.98"
     broken = tmp_path / "broken"
     broken.mkdir()
     shutil.copy(tiny_model / "config.json", broken / "config.json")
-    with pytest.raises(IdcError) as raised:
-        in_child(build_module._encoder_stage, broken, tmp_path, "fp32", 32, True)
-    assert isinstance(raised.value, (ModelError, ExportError)) and str(broken) in str(raised.value)
-    with pytest.raises(ExportError, match=r"^the process running exit ended abruptly \(killed: out of memory\?\)$"):
-        in_child(os._exit, 9)  # a child that dies, as the kernel's OOM killer would end it
+    # The two failing children run beside the build (each process starts Python and imports torch:
+    # seconds, most of them waiting on a single core).
+    with ThreadPoolExecutor(2) as pool:
+        failing = pool.submit(in_child, build_module._encoder_stage, broken, tmp_path, "fp32", 32, True)
+        dying = pool.submit(in_child, os._exit, 9)  # a child that dies, as the kernel's OOM killer would end it
+
+        spawned = []
+        monkeypatch.setattr(build_module, "_in_child", lambda function, *args: spawned.append(function.__name__)
+                            or in_child(function, *args))
+        monkeypatch.setattr(build_module, "ENCODER_CHILD_PARAMETERS", 0)
+        child = build_artifact(tiny_model, tmp_path / "child", legacy_adapter, decoder_precision="fp32")
+        assert spawned == ["_encoder_stage"]
+        assert captions(Captioner(child), pairs) == captions(Captioner(artifact, decoder="torch-fp32"), pairs)
+
+        error = pickle.loads(pickle.dumps(QuantizationError(tmp_path / "x.onnx", "cosine 0.5 < 0.98")))
+        assert type(error) is QuantizationError and str(error) == f"{tmp_path / 'x.onnx'}: cosine 0.5 < 0.98"
+        with pytest.raises(IdcError) as raised:
+            failing.result()
+        assert isinstance(raised.value, (ModelError, ExportError)) and str(broken) in str(raised.value)
+        with pytest.raises(ExportError, match=r"^the process running exit ended abruptly \(killed: out of memory\?\)$"):
+            dying.result()

@@ -2,20 +2,34 @@
 
 The toolkit is the oracle: every number must equal pycocoevalcap's on the same raw captions
 (1e-6, METEOR 1e-4), and the pure-Python PTB tokenizer must equal CoreNLP's jar. Java start-up is
-slow (METEOR loads its paraphrase table for several seconds), so the toolkit runs once per module.
+slow (METEOR loads its paraphrase table for several seconds), so the toolkit runs once, in the
+background from the start of the session (:func:`start_early`), and ours is the one process that
+every scoring call shares (``meteor.score_shared``, started early too by conftest.py); the tests that
+end and replace that process come after the comparisons, which it serves.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import Future
 
 import pytest
 
+from conftest import in_background
 from idc_lite.tools import metrics
 from idc_lite.tools.metrics import meteor as meteor_module
+from idc_lite.tools.metrics.meteor import MeteorError
 
 JAVA = shutil.which("java") is not None
 needs_java = pytest.mark.skipif(not JAVA, reason="java is not on PATH (the toolkit's tokenizer and METEOR need it)")
+needs_meteor = pytest.mark.skipif(meteor_module.unavailable_reason() is not None,
+                                  reason="METEOR needs java on PATH and pycocoevalcap (its jar)")
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 # id -> (category, prediction, references): mixed case, punctuation, contractions, quotes, hyphens,
@@ -145,8 +159,7 @@ def _toolkit_scores(ids, meteor_scorer) -> dict:
     return scores
 
 
-@pytest.fixture(scope="module")
-def toolkit() -> dict:
+def _toolkit_all() -> dict:
     """The toolkit's scores for the whole corpus ("overall") and for each category subset."""
     _, _, Meteor, _, _ = _toolkit()
     meteor_scorer = Meteor()  # one METEOR process for every subset
@@ -159,28 +172,100 @@ def toolkit() -> dict:
         del meteor_scorer
 
 
+_toolkit_early: Future | None = None
+
+
+def start_early(tmp_path_factory, items) -> None:
+    """Run the toolkit (:func:`_toolkit_all`: its Java processes, seconds) in the background from the start
+    of the session, if a collected test compares with it (conftest.py calls this)."""
+    global _toolkit_early
+    if JAVA and importlib.util.find_spec("pycocoevalcap") and any("toolkit" in item.fixturenames for item in items):
+        try:
+            _toolkit()  # imported here, not in the thread
+        except (ImportError, pytest.skip.Exception):  # the tests that need it skip, and say why
+            return
+        _toolkit_early = in_background(_toolkit_all)
+
+
+@pytest.fixture(scope="module")
+def toolkit() -> dict:
+    """The toolkit's scores for the whole corpus ("overall") and for each category subset."""
+    _toolkit()  # or skip
+    return _toolkit_all() if _toolkit_early is None else _toolkit_early.result()
+
+
 def _assert_equal_scores(mine: dict, expected: dict) -> None:
     for name in METRICS:
         tolerance = 1e-4 if name == "METEOR" else 1e-6
         assert mine[name] == pytest.approx(expected[name], abs=tolerance), name
 
 
+def _gone(pid: int, timeout_s: float = 10) -> bool:
+    """Whether process ``pid`` has ended and been reaped (within ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
 @needs_java
 def test_score_equals_toolkit(toolkit):
+    pid = meteor_module.start_shared()
     mine = metrics.score(PREDICTIONS, REFERENCES)
     _assert_equal_scores(mine, toolkit[metrics.OVERALL])
     assert mine["n"] == len(CORPUS)
     assert "meteor_unavailable" not in mine
+    assert meteor_module.shared_pid() == pid  # scored on the running process, which is still there
 
 
 @needs_java
 def test_score_by_category_equals_toolkit_on_each_subset(toolkit):
+    pid = meteor_module.start_shared()
     mine = metrics.score_by_category(PREDICTIONS, REFERENCES, CATEGORIES)
+    assert meteor_module.shared_pid() == pid  # one process for every subset, and for the calls before
     assert set(mine) == {*toolkit, metrics.CIDER_DF_NOTE_KEY}
     assert "per subset" in mine[metrics.CIDER_DF_NOTE_KEY]
     for name, expected in toolkit.items():
         _assert_equal_scores(mine[name], expected)
         assert mine[name]["n"] == sum(1 for c in CATEGORIES.values() if name in (c, metrics.OVERALL))
+
+
+@needs_meteor
+def test_a_meteor_process_that_died_is_replaced_by_the_next_call():
+    first = meteor_module.start_shared()
+    assert first is not None and meteor_module.start_shared() == first == meteor_module.shared_pid()
+    os.kill(first, signal.SIGKILL)  # as the OOM killer would end it between two calls
+    deadline = time.monotonic() + 10
+    while meteor_module.shared_pid() == first and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert meteor_module.shared_pid() is None
+    second = meteor_module.start_shared()
+    assert second not in (None, first) and _gone(first)
+
+
+@needs_meteor
+def test_a_call_that_fails_midway_ends_its_process_and_the_next_call_starts_another():
+    pid = meteor_module.start_shared()
+    meteor_module._shared._process.stdout.close()  # its answers can no longer be read: the call fails
+    with pytest.raises(MeteorError, match="could not read from METEOR"):
+        metrics.score({"a": "a red car"}, {"a": ["the red car"]})
+    assert meteor_module.shared_pid() is None and _gone(pid)  # not left running, out of step
+    again = meteor_module.start_shared()
+    assert again not in (None, pid)
+    meteor_module.close_shared()
+    assert meteor_module.shared_pid() is None and _gone(again)
+
+
+@needs_meteor
+def test_the_shared_process_ends_with_python():
+    code = "from idc_lite.tools.metrics import meteor; print(meteor.start_shared())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert _gone(int(done.stdout), timeout_s=0)  # ended and reaped before that Python exited
 
 
 @needs_java

@@ -5,7 +5,8 @@ numbers come out on the toolkit's scale: BLEU, METEOR and ROUGE-L in 0..1, CIDEr
 returns it (already x10, so typically 0..10). Any x100 presentation is left to callers.
 
 BLEU, ROUGE-L, CIDEr-D and the tokenizer are pure Python. METEOR runs pycocoevalcap's
-``meteor-1.5.jar`` on Java; without pycocoevalcap or ``java`` it is reported as unavailable
+``meteor-1.5.jar`` on Java, in one process that every call shares (started on first use, closed when
+Python exits; see :mod:`.meteor`); without pycocoevalcap or ``java`` it is reported as unavailable
 (``None`` plus a reason), never approximated.
 
     from idc_lite.tools.metrics import score
@@ -14,11 +15,11 @@ BLEU, ROUGE-L, CIDEr-D and the tokenizer are pure Python. METEOR runs pycocoeval
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from .bleu import corpus_bleu
 from .cider import cider_d
-from .meteor import MeteorScorer, unavailable_reason
+from .meteor import score_shared, unavailable_reason
 from .ptb import tokenize, tokenize_corpus
 from .rouge import rouge_l
 
@@ -58,32 +59,32 @@ def _score_ids(
     ids: Sequence[str],
     predictions: Mapping[str, str],
     references: Mapping[str, Sequence[str]],
-    meteor: MeteorScorer | str,
+    meteor: Callable[[list[str], list[list[str]]], float] | str,
 ) -> Scores:
     """All metrics for ``ids``, as the toolkit run on just these captions gives them.
 
-    ``meteor`` is a running scorer, or the reason METEOR is missing.
+    ``meteor`` scores METEOR (:func:`.meteor.score_shared`), or is the reason METEOR is missing.
     """
     hypotheses = tokenize_corpus({key: [predictions[key]] for key in ids})
     tokenized_refs = tokenize_corpus({key: list(references[key]) for key in ids})
     hyps = [hypotheses[key][0] for key in ids]
     refs = [tokenized_refs[key] for key in ids]
     result: Scores = {f"BLEU-{n}": value for n, value in enumerate(corpus_bleu(hyps, refs), start=1)}
-    result["METEOR"] = meteor.score(hyps, refs) if isinstance(meteor, MeteorScorer) else None
+    result["METEOR"] = None if isinstance(meteor, str) else meteor(hyps, refs)
     result["ROUGE-L"] = rouge_l(hyps, refs)
     result["CIDEr"] = cider_d(hyps, refs)
     result["n"] = len(ids)
-    if not isinstance(meteor, MeteorScorer):
+    if isinstance(meteor, str):
         result["meteor_unavailable"] = meteor
     return result
 
 
-def _meteor_or_reason(meteor: bool) -> MeteorScorer | str:
-    """A running METEOR scorer, or why there is none."""
+def _meteor_or_reason(meteor: bool) -> Callable[[list[str], list[list[str]]], float] | str:
+    """What scores METEOR (on the shared process), or why nothing does."""
     if not meteor:
         return "not requested (meteor=False)"
     reason = unavailable_reason()
-    return MeteorScorer() if reason is None else reason
+    return score_shared if reason is None else reason
 
 
 def score(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], *, meteor: bool = True) -> Scores:
@@ -95,12 +96,7 @@ def score(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]
     ``references``; an id on one side only raises ValueError naming it.
     """
     _check_ids(predictions, references)
-    scorer = _meteor_or_reason(meteor)
-    try:
-        return _score_ids(list(references), predictions, references, scorer)
-    finally:
-        if isinstance(scorer, MeteorScorer):
-            scorer.close()
+    return _score_ids(list(references), predictions, references, _meteor_or_reason(meteor))
 
 
 def score_by_category(
@@ -132,12 +128,8 @@ def score_by_category(
         subsets.setdefault(categories[key], []).append(key)
 
     scorer = _meteor_or_reason(meteor)
-    try:
-        result: dict[str, Scores | str] = {
-            name: _score_ids(ids, predictions, references, scorer) for name, ids in subsets.items()
-        }
-    finally:
-        if isinstance(scorer, MeteorScorer):
-            scorer.close()
+    result: dict[str, Scores | str] = {
+        name: _score_ids(ids, predictions, references, scorer) for name, ids in subsets.items()
+    }
     result[CIDER_DF_NOTE_KEY] = _CIDER_DF_NOTE
     return result
