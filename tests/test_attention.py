@@ -1,9 +1,9 @@
 """`idc-lite attention`: the ViT's attention maps over the stacked pair, on both backends.
 
-The fixtures here are this module's own: a tiny BLIP-2 and one artifact built from it (fp32 encoder,
-the torch-fp32 decoder, the quickest to build), so that the maps of the reference backend
-(transformers' attention outputs) and of the lite backend (the artifact's attention graph) can be
-compared on the same weights.
+The session's artifact (the tiny BLIP-2 with its adapter merged, fp32 encoder) and the reference
+backend with the same adapter unmerged give the maps of both backends on the same weights: the
+reference's are transformers' attention outputs, the lite backend's come from the artifact's
+attention graph.
 """
 
 from __future__ import annotations
@@ -31,27 +31,14 @@ def _pair(seed: int = 0, before_size=(50, 40), after_size=(70, 30)):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from idc_lite.tools.modelgen import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("attention") / "tiny", seed=3)
-
-
-@pytest.fixture(scope="module")
-def artifact(model, tmp_path_factory):
-    from export.build import build_artifact
-
-    return build_artifact(model, tmp_path_factory.mktemp("attention") / "artifact", decoders=("torch-fp32",))
-
-
-@pytest.fixture(scope="module")
 def lite(artifact):
     return Captioner(artifact)
 
 
 @pytest.fixture(scope="module")
-def reference(model):
-    return Captioner(model)
+def reference(adapted):
+    """The same weights as the artifact's, unmerged: the reference backend's attention to compare with."""
+    return adapted
 
 
 @pytest.fixture(scope="module")

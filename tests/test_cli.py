@@ -53,21 +53,26 @@ def test_describe_prints_the_caption_and_json(tiny_model, reference, pairs, tmp_
     assert code == 0 and record["caption"] == expected and record["model"] == str(tiny_model) and record["error"] is None
 
 
-def test_describe_options_reach_the_model(tiny_model, reference, pairs, tmp_path, capsys):
-    from idc_lite import GenerationSettings
+def test_describe_options_reach_the_model(artifact, pairs, tmp_path, capsys):
+    from idc_lite import Captioner, GenerationSettings
 
+    # The lite backend on ONNX Runtime's fp32 decoder: each CLI run loads in a fraction of a second.
+    lite = Captioner(artifact, decoder="ort-fp32")
     write_pair(tmp_path, tmp_path / "after", "x", pairs[1])
     before, after = tmp_path / "x.png", tmp_path / "after" / "x.png"
-    default = reference.describe(before, after).caption
+    # Each option's caption must differ from the one its run would give without it.
+    default = lite.describe(before, after).caption
+    greedy = lite.describe(before, after, GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)).caption
     options = [
-        (["--max-new-tokens", "2"], GenerationSettings(max_new_tokens=2)),
-        (["--num-beams", "3", *TOKENS], GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, num_beams=3)),
-        (["--prompt", "the red circle", *TOKENS], GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, prompt="the red circle")),
+        (["--max-new-tokens", "2"], GenerationSettings(max_new_tokens=2), default),
+        (["--num-beams", "3", *TOKENS], GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, num_beams=3), greedy),
+        (["--prompt", "the red circle", *TOKENS], GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, prompt="the red circle"),
+         greedy),
     ]
-    for argv, settings in options:
-        expected = reference.describe(before, after, settings).caption
-        assert expected != default, f"{argv} gives this pair the default caption: the check would pass without it"
-        code, out, _ = run(["describe", before, after, "-m", tiny_model, *argv], capsys)
+    for argv, settings, without in options:
+        expected = lite.describe(before, after, settings).caption
+        assert expected != without, f"{argv} gives this pair the caption it has without it: the check would pass"
+        code, out, _ = run(["describe", before, after, "-m", artifact, "--decoder", "ort-fp32", *argv], capsys)
         assert code == 0 and out == expected + "\n", argv
 
 
@@ -169,13 +174,15 @@ main(sys.argv[1:])
 """
 
 
-def test_batch_killed_mid_run_loses_and_duplicates_nothing(tiny_model, tmp_path, capsys):
+def test_batch_killed_mid_run_loses_and_duplicates_nothing(artifact_int4, tmp_path, capsys):
     before, after = tmp_path / "before", tmp_path / "after"
     pairs = random_pairs(8, seed=8)
     for i, pair in enumerate(pairs):
         write_pair(before, after, f"p{i:02d}", pair)
     output = tmp_path / "results.jsonl"
-    argv = ["batch", before, after, "-o", output, "-m", tiny_model, "--batch-size", "1", *TOKENS]
+    # The lite backend's ONNX Runtime decoder: the killed child starts without importing torch.
+    argv = ["batch", before, after, "-o", output, "-m", artifact_int4, "--decoder", "ort-int4", "--batch-size", "1",
+            *TOKENS]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "IDC_KILL_AT": "3"}
     killed = subprocess.run([sys.executable, "-c", KILLED_BATCH, *map(str, argv)], env=env, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
