@@ -86,15 +86,16 @@ def build_artifact(
     base: str, out: str | Path, adapter: str | Path | None = None, *, revision: str | None = None,
     encoder_precision: str = "fp32", decoder_precision: str | None = None, decoders=None, name: str | None = None,
     force: bool = False, local_files_only: bool = False, enforce_encoder_check: bool = True,
-    ort_block_size: int | None = None, ort_symmetric: bool | None = None, ship_reference: bool = False,
-    provenance: Mapping[str, Any] | None = None,
+    ort_block_size: int | None = None, ort_symmetric: bool | None = None, ort_head: str | None = None,
+    ship_reference: bool = False, provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Build an artifact from ``base`` (hub id or directory) and an optional LoRA ``adapter``.
 
     ``decoders`` names the decoders to build (e.g. ``("bnb-int4", "ort-int4")``); without it,
     ``decoder_precision`` picks them (:data:`DECODERS_BY_PRECISION`; int4 by default).
     ``ort_block_size`` and ``ort_symmetric`` set the int4 ONNX Runtime decoders' quantization
-    (default: blocks of 32, asymmetric; ``export/ort_decoder.py``).
+    (default: blocks of 32, asymmetric; ``export/ort_decoder.py``); ``ort_head`` the LM head's precision
+    in ``ort-int4`` (``int8`` or ``fp16``; default: int8 for large heads, ``export/ort_decoder.py``).
     ``ship_reference`` ships the base in fp16 and the adapter in the artifact's ``reference/``
     (:mod:`export.reference`). ``provenance`` (e.g. ``{"recipe": "demo", "seed": 0}``) is recorded in
     the manifest's provenance in place of the local paths of the base and the adapter
@@ -114,7 +115,7 @@ def build_artifact(
 
     try:
         _build_into(work, base, adapter, revision, local_files_only, encoder_precision, names, name or out.name,
-                    enforce_encoder_check, _ort_quantization(ort_block_size, ort_symmetric), ship_reference,
+                    enforce_encoder_check, _ort_quantization(ort_block_size, ort_symmetric, ort_head), ship_reference,
                     provenance)
     except BaseException as exc:
         full = disk_full_error(work.parent, exc)  # before cleaning up: the disk is still full
@@ -130,9 +131,9 @@ def build_artifact(
     return out
 
 
-def _ort_quantization(block_size: int | None, symmetric: bool | None) -> dict:
+def _ort_quantization(block_size: int | None, symmetric: bool | None, head: str | None = None) -> dict:
     """Keyword arguments of ``export_ort_decoder`` for the given int4 settings (None: its default)."""
-    chosen = {"block_size": block_size, "symmetric": symmetric}
+    chosen = {"block_size": block_size, "symmetric": symmetric, "head_precision": head}
     return {key: value for key, value in chosen.items() if value is not None}
 
 
@@ -267,8 +268,9 @@ def _export_parts(weights_dir: Path, work: Path, encoder_precision: str, decoder
         if decoder in TORCH_DECODERS:
             got, entry = export_decoder(language_model, work, TORCH_DECODERS[decoder], query, prefix)
         else:
-            got, entry = export_ort_decoder(language_model, work, ORT_DECODERS[decoder], query, prefix,
-                                            **ort_quantization)
+            # The head's precision is ort-int4's choice alone (ort-int4-fp16 keeps its fp16 head).
+            options = {k: v for k, v in ort_quantization.items() if k != "head_precision" or decoder == "ort-int4"}
+            got, entry = export_ort_decoder(language_model, work, ORT_DECODERS[decoder], query, prefix, **options)
         entries[got] = entry
         del language_model
     return encoder, entries

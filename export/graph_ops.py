@@ -63,8 +63,10 @@ def cosine_text(cosine: float) -> str:
     return f"{math.floor(cosine * 1e4) / 1e4:.4f}"
 
 
-def quantize_int4(model, source, block_size: int, symmetric: bool, accuracy_level: int, exclude=()):
-    """``model`` with every MatMul that has a constant weight (but ``exclude``) as ONNX Runtime's MatMulNBits.
+def quantize_int4(model, source, block_size: int, symmetric: bool, accuracy_level: int, exclude=(), include=None,
+                  bits: int = 4):
+    """``model`` with every MatMul that has a constant weight (but ``exclude``; only ``include`` when
+    given) as ONNX Runtime's MatMulNBits, in int4 (or ``bits``: 8).
 
     Round to nearest, block-wise along K; fp32 or fp16 weights (the scales keep their type).
     ``source`` names the graph in errors.
@@ -75,8 +77,9 @@ def quantize_int4(model, source, block_size: int, symmetric: bool, accuracy_leve
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # one INFO line per node otherwise
     try:
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=symmetric,
-                                         accuracy_level=accuracy_level, nodes_to_exclude=list(exclude))
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                         accuracy_level=accuracy_level, nodes_to_exclude=list(exclude),
+                                         nodes_to_include=list(include) if include is not None else None)
         quantizer.process()
     finally:
         quiet.setLevel(level)

@@ -30,9 +30,17 @@ transposes, :class:`MatMulLinear`, so that no Gemm needs rewriting; any Gemm lef
 each chosen by measurement (``docs/design.md``, "int4 quantization of the decoder"): blocks of 32,
 asymmetric (:data:`DEFAULT_BLOCK_SIZE`, :data:`DEFAULT_SYMMETRIC`; block 16 is much slower, larger
 blocks less accurate); ``accuracy_level`` 4, int8 activations on CPU (a node attribute fixed at
-export; CUDA ignores it); the embedding table / LM head in fp16 for the int4 decoders
-(:data:`TABLE_PRECISION`: as fast as fp32 on a CPU, half the traffic on CUDA, no loss of accuracy,
-where an int8 or int4 head would add error to every logit).
+export; CUDA ignores it); the embedding table in fp16 for the int4 decoders (:data:`TABLE_PRECISION`:
+a token's lookup reads one row of it). The LM head of ``ort-int4`` is a ``MatMulNBits`` of its own
+in **int8** (blocks as the layers') when it is large (:data:`INT8_HEAD_MIN_WEIGHTS`, OPT-2.7B's is
+129 M): the fp16 head was then the largest single cost of a CPU decode step (39% of it at a quarter
+of the depth, read at half the host's bandwidth), and ONNX Runtime kept an fp32 copy of it in
+memory; int8 reads half the bytes in a fifth of the time, at a relative logit error under 1%
+(``docs/design.md``, "The LM head in int8"). The table and the head are then two initializers even
+when OPT ties them; the table's pages that no lookup reads stay on disk. A small head (the embedded
+model's) stays in the caches and costs nothing to read: quantizing it would only add error, so it
+keeps the fp16 table it shares. ``head_precision`` (``int8`` or ``fp16``) overrides the choice;
+``ort-int4-fp16`` (for CUDA) always keeps the fp16 head.
 
 ``ort-int4-fp16`` (for CUDA) is the same graph converted to fp16 before quantization (ONNX Runtime's
 ``float16`` converter): weights, activations and the KV cache inputs and outputs in fp16, only
@@ -77,6 +85,10 @@ DEFAULT_SYMMETRIC = False
 DEFAULT_ACCURACY_LEVEL = 4
 #: Precision of the embedding table / LM head, per decoder precision.
 TABLE_PRECISION = {"int4": "fp16", "int4-fp16": "fp16", "fp32": "fp32"}
+#: LM heads of ort-int4 with at least this many weights are int8 by default (smaller ones fp16):
+#: 4 M weights are 8 MB in fp16, beyond what a core's caches keep between decode steps.
+INT8_HEAD_MIN_WEIGHTS = 1 << 22
+HEAD_PRECISIONS = ("int8", "fp16")
 #: Max |onnx - torch| allowed for the unquantized graph: ``atol + rtol * max|torch|``, by table precision.
 TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (1e-2, 1e-2)}
 MIN_COSINE = {"int4": 0.99, "int4-fp16": 0.99, "fp32": 0.99999}
@@ -115,15 +127,19 @@ def linears_as_matmuls(language_model) -> None:
 class CachedDecoder(torch.nn.Module):
     """``OPTForCausalLM`` as the exported graph: flat cache tensors in and out, the table inside."""
 
-    def __init__(self, language_model, table_dtype: torch.dtype = torch.float32):
+    def __init__(self, language_model, table_dtype: torch.dtype = torch.float32, head_dtype: torch.dtype | None = None):
+        """``head_dtype`` (default: the table's) other than ``table_dtype`` gives the head an initializer
+        of its own even when tied (an fp32 head to quantize to int8 beside an fp16 table)."""
         super().__init__()
         self.model = language_model.model
         embed = language_model.get_input_embeddings().weight.detach()
         head = language_model.get_output_embeddings().weight.detach()
         self.tied = head.shape == embed.shape and torch.equal(head, embed)
+        head_dtype = head_dtype or table_dtype
         self.table = torch.nn.Parameter(embed.t().contiguous().to(table_dtype), requires_grad=False)
-        self.head = self.table if self.tied else torch.nn.Parameter(head.t().contiguous().to(table_dtype),
-                                                                    requires_grad=False)
+        shared = self.tied and head_dtype == table_dtype
+        self.head = self.table if shared else torch.nn.Parameter(head.t().contiguous().to(head_dtype),
+                                                                 requires_grad=False)
         self.num_layers = language_model.config.num_hidden_layers
         # transformers >= 5.2x renamed ``past_key_values`` to ``cache`` (the old name still works, with a warning).
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -155,6 +171,7 @@ def export_ort_decoder(
     language_model, out_dir: Path, precision: str = "int4", query_embeds: torch.Tensor | None = None,
     prefix: list[int] | None = None, *, block_size: int = DEFAULT_BLOCK_SIZE, symmetric: bool = DEFAULT_SYMMETRIC,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL, table_precision: str | None = None,
+    head_precision: str | None = None,
 ) -> tuple[str, dict]:
     """Export ``language_model`` to ``out_dir/<name>/decoder.onnx``, validate it; return (name, manifest entry).
 
@@ -173,6 +190,15 @@ def export_ort_decoder(
     table_precision = table_precision or TABLE_PRECISION[precision]
     if table_precision not in TOLERANCES:
         raise ExportError(None, f"table precision must be fp32 or fp16, not {table_precision!r}")
+    if head_precision is None:
+        weights = language_model.get_output_embeddings().weight.numel()
+        head_precision = "int8" if precision == "int4" and weights >= INT8_HEAD_MIN_WEIGHTS else "fp16"
+    if precision == "fp32":
+        head_precision = table_precision
+    elif head_precision not in HEAD_PRECISIONS or (head_precision == "int8" and precision != "int4"):
+        raise ExportError(None, f"the LM head of {PRECISION_TO_DECODER[precision]} may be "
+                          f"{' or '.join(('int8', 'fp16') if precision == 'int4' else ('fp16',))}, not {head_precision!r}")
+    int8_head = head_precision == "int8"
     name = PRECISION_TO_DECODER[precision]
     target = out_dir / name
     target.mkdir(parents=True, exist_ok=True)
@@ -181,7 +207,10 @@ def export_ort_decoder(
     linears_as_matmuls(language_model)  # the caller's copy: it loads the weights for this decoder alone
     shape = graph_shape(language_model)
     reference = CachedDecoder(language_model, torch.float32).eval()
-    module = reference if table_precision == "fp32" else CachedDecoder(language_model, torch.float16).eval()
+    if table_precision == "fp32":
+        module = reference
+    else:  # an int8 head is exported in fp32 and quantized with the layers
+        module = CachedDecoder(language_model, torch.float16, torch.float32 if int8_head else None).eval()
     tied = module.tied
     # Everything the checks need from torch, computed before the export: torch's weights then go.
     cases = validation_cases(reference, query_embeds.float(), prefix)
@@ -197,7 +226,8 @@ def export_ort_decoder(
             gc.collect()  # the exporter leaves cycles that hold the weights until a collection
             diff, bound = validate_graph(expected, graph, cases, table_precision)
             if precision != "fp32":
-                _quantize(graph, path, block_size, symmetric, accuracy_level, half=precision == "int4-fp16")
+                _quantize(graph, path, block_size, symmetric, accuracy_level, half=precision == "int4-fp16",
+                          head_bits=8 if int8_head else None)
         check_past_reads(path)
         cosine = graph_cosine(path, reference_logits, cases)
         logger.info("decoder %s: next-token logits cosine similarity to fp32 = %.5f", name, cosine)
@@ -211,7 +241,7 @@ def export_ort_decoder(
         "dir": name, "graph": ORT_DECODER_GRAPH, "runtime": "onnxruntime", "precision": precision,
         "shape": shape, "inputs": [*INPUTS, "past.{i}.key", "past.{i}.value"],
         "outputs": [LOGITS, "present.{i}.key", "present.{i}.value"],
-        "embeddings": {"precision": table_precision, "tied_lm_head": tied},
+        "embeddings": {"precision": table_precision, "tied_lm_head": tied, "lm_head": head_precision},
         "activations": "fp16" if precision == "int4-fp16" else "fp32",
         "validation": {"logits_cosine_min": cosine, "threshold": MIN_COSINE[precision], "max_abs_diff": diff,
                        "tolerance": bound, "inputs_checked": len(cases)},
@@ -219,7 +249,9 @@ def export_ort_decoder(
     if precision != "fp32":
         entry["quantization"] = {"method": "onnxruntime-matmulnbits", "bits": 4, "block_size": block_size,
                                  "symmetric": symmetric, "accuracy_level": accuracy_level,
-                                 "not_quantized": ["embedding table / lm_head"]}
+                                 "not_quantized": ["embedding table"] if int8_head else ["embedding table / lm_head"]}
+        if int8_head:
+            entry["quantization"]["lm_head"] = {"bits": 8, "block_size": block_size, "symmetric": symmetric}
     return name, entry
 
 
@@ -261,8 +293,11 @@ def _save(model, path: Path) -> None:
 
 
 def _quantize(source: Path, path: Path, block_size: int, symmetric: bool, accuracy_level: int,
-              half: bool = False) -> None:
-    """MatMulNBits int4 for every MatMul with a constant weight, except the LM head; in fp16 if ``half``."""
+              half: bool = False, head_bits: int | None = None) -> None:
+    """MatMulNBits int4 for every MatMul with a constant weight, except the LM head; in fp16 if ``half``.
+
+    ``head_bits`` (8): the LM head too, with that many bits (its own initializer, see
+    :class:`CachedDecoder`); None leaves it as exported."""
     import onnx
 
     model = gemm_to_matmul(onnx.load(str(source)))  # any Gemm left (layers are MatMulLinear already)
@@ -278,7 +313,15 @@ def _quantize(source: Path, path: Path, block_size: int, symmetric: bool, accura
         raise ExportError(source, "cannot find the LM head MatMul in the exported decoder graph")
     logger.info("quantizing the decoder's MatMuls to int4 (block %d, %s, accuracy level %d)", block_size,
                 "symmetric" if symmetric else "asymmetric", accuracy_level)
-    _save(quantize_int4(model, source, block_size, symmetric, accuracy_level, exclude=head_nodes), path)
+    model = quantize_int4(model, source, block_size, symmetric, accuracy_level, exclude=head_nodes)
+    if head_bits:
+        if any(n.input[1] == "table" for n in model.graph.node if n.name in head_nodes):
+            raise ExportError(source, "the LM head shares the embedding table: export it as a weight of its own "
+                              "to quantize it")
+        logger.info("quantizing the LM head to int%d (block %d)", head_bits, block_size)
+        model = quantize_int4(model, source, block_size, symmetric, accuracy_level, include=head_nodes,
+                              bits=head_bits)
+    _save(model, path)
 
 
 #: The only nodes that may read a ``past.*`` input: the cache rows' Gather by ``beam_idx``, and Shape.

@@ -292,11 +292,12 @@ def adapted(tiny_model, legacy_adapter):
 @pytest.fixture(scope="session")
 def artifact(tiny_model, legacy_adapter, tmp_path_factory) -> Path:
     """The tiny model with the legacy adapter merged: torch-fp32 (the reference decoder) beside the ONNX
-    Runtime decoders (ort-fp32, ort-int4, ort-int4-fp16), fp32 encoder."""
+    Runtime decoders (ort-fp32, ort-int4, ort-int4-fp16), fp32 encoder. ort-int4's LM head is int8,
+    as a large model's is by default (the tiny one's would stay fp16), so that the runtime tests run it."""
     from export.build import build_artifact
 
     return build_artifact(tiny_model, tmp_path_factory.mktemp("artifacts") / "ort", legacy_adapter,
-                          decoders=("torch-fp32", "ort-fp32", "ort-int4", "ort-int4-fp16"))
+                          decoders=("torch-fp32", "ort-fp32", "ort-int4", "ort-int4-fp16"), ort_head="int8")
 
 
 @pytest.fixture(scope="session")

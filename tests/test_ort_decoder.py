@@ -105,9 +105,14 @@ def test_ort_int4_logits_stay_close_to_fp32(artifact, torch_fp32, adapted, pairs
     entry = load_manifest(artifact).decoders[name]
     assert entry.runtime == "onnxruntime" and entry.quantization["method"] == "onnxruntime-matmulnbits"
     import onnx
+    from onnx import helper
 
     graph = onnx.load(str(artifact / entry.dir / entry.graph))
-    assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) == 6 * entry.shape.layers
+    bits = [helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+            for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    # Every layer's six linear maps in int4; ort-int4's LM head in int8 (ort-int4-fp16 keeps an fp16 head).
+    head = [8] if name == "ort-int4" else []
+    assert sorted(bits) == [4] * 6 * entry.shape.layers + head and entry.embeddings["lm_head"] == ("int8" if head else "fp16")
     logits, cache, cosine = first_token(lite.backend, torch_fp32)
     assert cosine.min() >= 0.99, cosine
     # ort-int4-fp16 keeps its cache in fp16 (half the memory), the logits in fp32 for the search.
@@ -337,12 +342,52 @@ def test_export_validation_raises_typed_errors(artifact, tiny_model, ort_fp32, m
     assert not (tmp_path / "ort-int4").exists()
 
 
+def test_a_tied_head_gets_an_int8_matmul_of_its_own_and_fp16_keeps_it_shared(tiny_model, ort_fp32, artifact_int4,
+                                                                              monkeypatch, tmp_path):
+    """Real OPT ties its LM head to the token table. ort-int4's int8 head must then be a MatMulNBits on
+    its own initializer, the fp16 table read by the lookup alone; ``head_precision="fp16"`` keeps the
+    one shared fp16 table, and ort-int4-fp16 takes no int8 head. By default a head is int8 from
+    ``INT8_HEAD_MIN_WEIGHTS`` weights on: the tiny model's default build keeps its small head in fp16."""
+    import export.ort_decoder as ort_export
+    import onnx
+    from onnx import helper
+
+    from export.ort_decoder import export_ort_decoder
+
+    def tied_decoder():
+        language_model = Captioner(tiny_model).backend.net.language_model.float().eval()
+        language_model.lm_head.weight = language_model.get_input_embeddings().weight  # OPT's tying
+        return language_model
+
+    query = torch.from_numpy(ort_fp32.encode(compose_batch(random_pairs(2), processor=ort_fp32.processor)))
+    prefix = [ort_fp32.tokens.bos_token_id]
+    assert load_manifest(artifact_int4).decoders["ort-int4"].embeddings["lm_head"] == "fp16"
+    monkeypatch.setattr(ort_export, "INT8_HEAD_MIN_WEIGHTS", tied_decoder().lm_head.weight.numel())
+    readers = {}
+    for head, chosen in (("int8", None), ("fp16", "fp16")):  # int8: the default for a head of that size
+        name, entry = export_ort_decoder(tied_decoder(), tmp_path / head, "int4", query, prefix, head_precision=chosen)
+        assert entry["embeddings"] == {"precision": "fp16", "tied_lm_head": True, "lm_head": head}
+        assert entry["validation"]["logits_cosine_min"] >= 0.99
+        graph = onnx.load(str(tmp_path / head / name / "decoder.onnx"), load_external_data=False).graph
+        table = next(n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in
+                     {init.name for init in graph.initializer})
+        readers[head] = sorted(n.op_type for n in graph.node if table in n.input)
+        bits = {helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+                for n in graph.node if n.op_type == "MatMulNBits"}
+        assert bits == ({4, 8} if head == "int8" else {4})
+    assert readers == {"int8": ["Gather"], "fp16": ["Gather", "MatMul"]}
+    with pytest.raises(ExportError, match="may be fp16, not 'int8'"):
+        export_ort_decoder(tied_decoder(), tmp_path / "half", "int4-fp16", query, prefix, head_precision="int8")
+
+
 def test_manifest_entries_and_decoder_choice(artifact):
     decoders = load_manifest(artifact).decoders
     assert list(decoders) == ["torch-fp32", "ort-fp32", "ort-int4", "ort-int4-fp16"]
     fp32, int4, half = decoders["ort-fp32"], decoders["ort-int4"], decoders["ort-int4-fp16"]
     assert (fp32.activations, int4.activations, half.activations) == ("fp32", "fp32", "fp16")
-    assert half.quantization == int4.quantization and half.precision == "int4-fp16"
+    assert half.precision == "int4-fp16" and half.embeddings["lm_head"] == "fp16"
+    assert half.quantization == {**{k: v for k, v in int4.quantization.items() if k != "lm_head"},
+                                 "not_quantized": ["embedding table / lm_head"]}
     # The first of the device's defaults that the artifact holds: fp16 activations on CUDA, fp32 on CPUs.
     assert [next(d for d in DEFAULT_DECODERS[kind] if d in decoders) for kind in ("cuda", "cpu")] == [
         "ort-int4-fp16", "ort-int4"]
@@ -350,9 +395,11 @@ def test_manifest_entries_and_decoder_choice(artifact):
     assert fp32.validation["max_abs_diff"] <= fp32.validation["tolerance"]
     assert fp32.embeddings["precision"] == "fp32" and fp32.quantization is None
     assert int4.validation["logits_cosine_min"] >= int4.validation["threshold"] == 0.99
-    assert int4.embeddings == {"precision": "fp16", "tied_lm_head": False}  # the tiny model's head is untied
+    # the tiny model's head is untied; ort-int4's head is int8 (MatMulNBits), its table fp16
+    assert int4.embeddings == {"precision": "fp16", "tied_lm_head": False, "lm_head": "int8"}
     assert int4.quantization == {"method": "onnxruntime-matmulnbits", "bits": 4, "block_size": 32, "symmetric": False,
-                                    "accuracy_level": 4, "not_quantized": ["embedding table / lm_head"]}
+                                    "accuracy_level": 4, "not_quantized": ["embedding table"],
+                                    "lm_head": {"bits": 8, "block_size": 32, "symmetric": False}}
     assert decoder_names() == ("bnb-int4", "ort-int4") and decoder_names("fp32") == ("torch-fp32",)
     assert decoder_names(decoders=["ort-int4", "torch-fp32", "ort-int4"]) == ("ort-int4", "torch-fp32")
     for bad, message in (((None, ["bnb-int4", "torch-fp32"]), "at most one torch decoder"),
@@ -373,8 +420,9 @@ def test_export_cli_takes_repeated_decoders(monkeypatch, tmp_path):
             main(["build", "--base", "some/model", "--out", str(tmp_path), *args])
         assert not info.value.code and seen["decoders"] == decoders and seen["decoder_precision"] == precision
     with pytest.raises(SystemExit) as info:
-        main(["build", "--base", "some/model", "--out", str(tmp_path), "--ort-block-size", "64", "--ort-symmetric"])
-    assert not info.value.code and (seen["ort_block_size"], seen["ort_symmetric"]) == (64, True)
+        main(["build", "--base", "some/model", "--out", str(tmp_path), "--ort-block-size", "64", "--ort-symmetric",
+              "--ort-head", "fp16"])
+    assert not info.value.code and (seen["ort_block_size"], seen["ort_symmetric"], seen["ort_head"]) == (64, True, "fp16")
 
 
 def test_ort_int4_block_size_and_symmetry_are_chosen_at_export(tiny_model, legacy_adapter, torch_fp32, tmp_path):
