@@ -63,10 +63,9 @@ def cosine_text(cosine: float) -> str:
     return f"{math.floor(cosine * 1e4) / 1e4:.4f}"
 
 
-def quantize_int4(model, source, block_size: int, symmetric: bool, accuracy_level: int, exclude=(), include=None,
-                  bits: int = 4):
-    """``model`` with every MatMul that has a constant weight (but ``exclude``; only ``include`` when
-    given) as ONNX Runtime's MatMulNBits, in int4 (or ``bits``: 8).
+def quantize_int4(model, source, block_size: int, symmetric: bool, accuracy_level: int, exclude=(), bits: int = 4):
+    """``model`` with every MatMul that has a constant weight (but ``exclude``) as ONNX Runtime's
+    MatMulNBits, in int4 (or ``bits``: 8).
 
     Round to nearest, block-wise along K; fp32 or fp16 weights (the scales keep their type).
     ``source`` names the graph in errors.
@@ -78,8 +77,7 @@ def quantize_int4(model, source, block_size: int, symmetric: bool, accuracy_leve
     quiet.setLevel(logging.WARNING)  # one INFO line per node otherwise
     try:
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                         accuracy_level=accuracy_level, nodes_to_exclude=list(exclude),
-                                         nodes_to_include=list(include) if include is not None else None)
+                                         accuracy_level=accuracy_level, nodes_to_exclude=list(exclude))
         quantizer.process()
     finally:
         quiet.setLevel(level)
@@ -87,3 +85,40 @@ def quantize_int4(model, source, block_size: int, symmetric: bool, accuracy_leve
     if not any(n.op_type == "MatMulNBits" for n in quantized.graph.node):
         raise QuantizationError(source, "no MatMul of the graph was quantized")
     return quantized
+
+
+def quantize_weight(weight: np.ndarray, input_name: str, output_name: str, node_name: str, weight_name: str, source,
+                    bits: int, block_size: int, symmetric: bool, accuracy_level: int, chunk_bytes: int = 1 << 26):
+    """A ``(K, N)`` MatMul weight as a MatMulNBits node of ``bits`` bits (8) and its initializers.
+
+    ONNX Runtime's quantizer sees one graph per slice of ``chunk_bytes`` of output columns, whose
+    blocks, scales and zero points (each led by the output column, unpacked at 8 bits) are then
+    joined: its working copies stay a few times a slice, not a few times the weight, and ``weight``
+    may be a view (a transposed torch weight) that is never copied whole. Why one weight on its own:
+    a second pass of the quantizer over a whole OPT-2.7B decoder, after the layers', was killed for
+    memory on a 24 GiB machine.
+    """
+    from onnx import helper, numpy_helper
+
+    if bits != 8:
+        raise ValueError("quantize_weight joins slices of unpacked 8-bit blocks only")
+    dtype = helper.np_dtype_to_tensor_dtype(weight.dtype)
+    rows, columns = weight.shape
+    step = max(1, chunk_bytes // (rows * weight.itemsize))
+    parts, quantized = [], None
+    for start in range(0, columns, step):
+        alone = helper.make_model(helper.make_graph(
+            [helper.make_node("MatMul", [input_name, weight_name], [output_name], name=node_name)], "one_matmul",
+            [helper.make_tensor_value_info(input_name, dtype, None)],
+            [helper.make_tensor_value_info(output_name, dtype, None)],
+            [numpy_helper.from_array(np.ascontiguousarray(weight[:, start:start + step]), weight_name)]),
+            opset_imports=[helper.make_opsetid("", 17)])
+        alone = quantize_int4(alone, source, block_size, symmetric, accuracy_level, bits=bits)
+        (quantized,) = alone.graph.node
+        parts.append({init.name: numpy_helper.to_array(init) for init in alone.graph.initializer})
+        del alone
+    joined = [numpy_helper.from_array(np.concatenate([part[name] for part in parts]), name) for name in parts[0]]
+    for attribute in quantized.attribute:
+        if attribute.name == "N":
+            attribute.i = columns
+    return quantized, joined

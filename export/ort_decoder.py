@@ -40,7 +40,9 @@ memory; int8 reads half the bytes in a fifth of the time, at a relative logit er
 when OPT ties them; the table's pages that no lookup reads stay on disk. A small head (the embedded
 model's) stays in the caches and costs nothing to read: quantizing it would only add error, so it
 keeps the fp16 table it shares. ``head_precision`` (``int8`` or ``fp16``) overrides the choice;
-``ort-int4-fp16`` (for CUDA) always keeps the fp16 head.
+``ort-int4-fp16`` (for CUDA) always keeps the fp16 head. The graph is exported with the fp16 head;
+the int8 one, quantized from torch's weight beforehand (:func:`int8_head_node`), replaces it in the
+int4 pass (:func:`replace_head`).
 
 ``ort-int4-fp16`` (for CUDA) is the same graph converted to fp16 before quantization (ONNX Runtime's
 ``float16`` converter): weights, activations and the KV cache inputs and outputs in fp16, only
@@ -74,7 +76,7 @@ from idc_lite.artifact import DECODER_LOGITS as LOGITS
 from idc_lite.artifact import ORT_DECODER_GRAPH, ORT_DECODERS, cache_numpy_dtype, past_names
 
 from .errors import AtolError, ExportError, QuantizationError, ShapeError
-from .graph_ops import cosine_text, gemm_to_matmul, min_cosine, quantize_int4
+from .graph_ops import cosine_text, gemm_to_matmul, min_cosine, quantize_int4, quantize_weight
 
 logger = logging.getLogger("export")
 
@@ -127,19 +129,15 @@ def linears_as_matmuls(language_model) -> None:
 class CachedDecoder(torch.nn.Module):
     """``OPTForCausalLM`` as the exported graph: flat cache tensors in and out, the table inside."""
 
-    def __init__(self, language_model, table_dtype: torch.dtype = torch.float32, head_dtype: torch.dtype | None = None):
-        """``head_dtype`` (default: the table's) other than ``table_dtype`` gives the head an initializer
-        of its own even when tied (an fp32 head to quantize to int8 beside an fp16 table)."""
+    def __init__(self, language_model, table_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.model = language_model.model
         embed = language_model.get_input_embeddings().weight.detach()
         head = language_model.get_output_embeddings().weight.detach()
         self.tied = head.shape == embed.shape and torch.equal(head, embed)
-        head_dtype = head_dtype or table_dtype
         self.table = torch.nn.Parameter(embed.t().contiguous().to(table_dtype), requires_grad=False)
-        shared = self.tied and head_dtype == table_dtype
-        self.head = self.table if shared else torch.nn.Parameter(head.t().contiguous().to(head_dtype),
-                                                                 requires_grad=False)
+        self.head = self.table if self.tied else torch.nn.Parameter(head.t().contiguous().to(table_dtype),
+                                                                    requires_grad=False)
         self.num_layers = language_model.config.num_hidden_layers
         # transformers >= 5.2x renamed ``past_key_values`` to ``cache`` (the old name still works, with a warning).
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -207,10 +205,10 @@ def export_ort_decoder(
     linears_as_matmuls(language_model)  # the caller's copy: it loads the weights for this decoder alone
     shape = graph_shape(language_model)
     reference = CachedDecoder(language_model, torch.float32).eval()
-    if table_precision == "fp32":
-        module = reference
-    else:  # an int8 head is exported in fp32 and quantized with the layers
-        module = CachedDecoder(language_model, torch.float16, torch.float32 if int8_head else None).eval()
+    module = reference if table_precision == "fp32" else CachedDecoder(language_model, torch.float16).eval()
+    # The int8 head is quantized now, from torch's fp32 weight, while memory is low; the graph is exported
+    # with the fp16 head as before, and the quantized head replaces it in the int4 pass (_quantize).
+    head = int8_head_node(language_model, block_size, symmetric, accuracy_level) if int8_head else None
     tied = module.tied
     # Everything the checks need from torch, computed before the export: torch's weights then go.
     cases = validation_cases(reference, query_embeds.float(), prefix)
@@ -227,7 +225,8 @@ def export_ort_decoder(
             diff, bound = validate_graph(expected, graph, cases, table_precision)
             if precision != "fp32":
                 _quantize(graph, path, block_size, symmetric, accuracy_level, half=precision == "int4-fp16",
-                          head_bits=8 if int8_head else None)
+                          head=head)
+            del head
         check_past_reads(path)
         cosine = graph_cosine(path, reference_logits, cases)
         logger.info("decoder %s: next-token logits cosine similarity to fp32 = %.5f", name, cosine)
@@ -293,11 +292,11 @@ def _save(model, path: Path) -> None:
 
 
 def _quantize(source: Path, path: Path, block_size: int, symmetric: bool, accuracy_level: int,
-              half: bool = False, head_bits: int | None = None) -> None:
+              half: bool = False, head=None) -> None:
     """MatMulNBits int4 for every MatMul with a constant weight, except the LM head; in fp16 if ``half``.
 
-    ``head_bits`` (8): the LM head too, with that many bits (its own initializer, see
-    :class:`CachedDecoder`); None leaves it as exported."""
+    ``head`` (:func:`int8_head_node`): the LM head's MatMul (and the casts around its fp16 weight) is
+    replaced by that quantized node."""
     import onnx
 
     model = gemm_to_matmul(onnx.load(str(source)))  # any Gemm left (layers are MatMulLinear already)
@@ -309,19 +308,53 @@ def _quantize(source: Path, path: Path, block_size: int, symmetric: bool, accura
         model = convert_float_to_float16(model, keep_io_types=list(FP32_IO), disable_shape_infer=big)
     table = {"table", "head"}
     head_nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in table]
-    if not head_nodes:
+    if len(head_nodes) != 1:
         raise ExportError(source, "cannot find the LM head MatMul in the exported decoder graph")
+    if head is not None:
+        replace_head(model, head_nodes[0], head, source)
     logger.info("quantizing the decoder's MatMuls to int4 (block %d, %s, accuracy level %d)", block_size,
                 "symmetric" if symmetric else "asymmetric", accuracy_level)
-    model = quantize_int4(model, source, block_size, symmetric, accuracy_level, exclude=head_nodes)
-    if head_bits:
-        if any(n.input[1] == "table" for n in model.graph.node if n.name in head_nodes):
-            raise ExportError(source, "the LM head shares the embedding table: export it as a weight of its own "
-                              "to quantize it")
-        logger.info("quantizing the LM head to int%d (block %d)", head_bits, block_size)
-        model = quantize_int4(model, source, block_size, symmetric, accuracy_level, include=head_nodes,
-                              bits=head_bits)
-    _save(model, path)
+    _save(quantize_int4(model, source, block_size, symmetric, accuracy_level, exclude=head_nodes), path)
+
+
+def int8_head_node(language_model, block_size: int, symmetric: bool, accuracy_level: int):
+    """The LM head as an int8 MatMulNBits node and its initializers (input ``hidden``, output ``logits``),
+    quantized from torch's weight, ``(vocab, hidden)``, read through a transposed view: never copied whole."""
+    logger.info("quantizing the LM head to int8 (block %d)", block_size)
+    weight = language_model.get_output_embeddings().weight.detach()
+    view = (weight if weight.dtype == torch.float32 else weight.float()).numpy().T  # (hidden, vocab), MatMul's
+    return quantize_weight(view, "hidden", "logits", "lm_head", "lm_head", "the LM head", 8, block_size, symmetric,
+                           accuracy_level)
+
+
+def replace_head(model, head_name: str, head, source: Path) -> None:
+    """Put ``head`` (:func:`int8_head_node`) in place of the graph's LM head ``head_name``: a MatMul of the
+    fp16 weight between a cast of the fp32 hidden state to fp16 and a cast of the logits back to fp32."""
+    graph = model.graph
+    node, initializers = head
+    matmul = next(n for n in graph.node if n.name == head_name)
+    producers = {out: n for n in graph.node for out in n.output}
+    before = producers.get(matmul.input[0])
+    after = [n for n in graph.node if matmul.output[0] in n.input]
+    if before is None or before.op_type != "Cast" or len(after) != 1 or after[0].op_type != "Cast":
+        raise ExportError(source, "the LM head is not an fp16 MatMul between two casts: cannot put the int8 head in")
+    (after,) = after
+    quantized = type(node)()
+    quantized.CopyFrom(node)
+    quantized.input[0], quantized.output[0] = before.input[0], after.output[0]
+    weight = matmul.input[1]
+    for old in (after, matmul) + ((before,) if sum(before.output[0] in n.input for n in graph.node) == 1 else ()):
+        graph.node.remove(old)
+    # In topological order: before the first node that reads the logits (none: they are the graph's output).
+    readers = [i for i, n in enumerate(graph.node) if quantized.output[0] in n.input]
+    graph.node.insert(readers[0] if readers else len(graph.node), quantized)
+    if not any(weight in n.input for n in graph.node):  # an untied head's own fp16 weight
+        graph.initializer.remove(next(i for i in graph.initializer if i.name == weight))
+    graph.initializer.extend(initializers)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        from onnx import helper
+
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 #: The only nodes that may read a ``past.*`` input: the cache rows' Gather by ``beam_idx``, and Shape.

@@ -342,7 +342,7 @@ def test_export_validation_raises_typed_errors(artifact, tiny_model, ort_fp32, m
     assert not (tmp_path / "ort-int4").exists()
 
 
-def test_a_tied_head_gets_an_int8_matmul_of_its_own_and_fp16_keeps_it_shared(tiny_model, ort_fp32, artifact_int4,
+def test_a_tied_head_gets_an_int8_matmul_of_its_own_and_fp16_keeps_it_shared(artifact, ort_fp32, artifact_int4,
                                                                               monkeypatch, tmp_path):
     """Real OPT ties its LM head to the token table. ort-int4's int8 head must then be a MatMulNBits on
     its own initializer, the fp16 table read by the lookup alone; ``head_precision="fp16"`` keeps the
@@ -355,7 +355,7 @@ def test_a_tied_head_gets_an_int8_matmul_of_its_own_and_fp16_keeps_it_shared(tin
     from export.ort_decoder import export_ort_decoder
 
     def tied_decoder():
-        language_model = Captioner(tiny_model).backend.net.language_model.float().eval()
+        language_model = load_torch_decoder(artifact / "decoder", "torch-fp32", "cpu")
         language_model.lm_head.weight = language_model.get_input_embeddings().weight  # OPT's tying
         return language_model
 
@@ -425,21 +425,33 @@ def test_export_cli_takes_repeated_decoders(monkeypatch, tmp_path):
     assert not info.value.code and (seen["ort_block_size"], seen["ort_symmetric"], seen["ort_head"]) == (64, True, "fp16")
 
 
-def test_ort_int4_block_size_and_symmetry_are_chosen_at_export(tiny_model, legacy_adapter, torch_fp32, tmp_path):
-    """The quantization ONNX Runtime's CUDA weight-only GEMM takes (symmetric, blocks of 64) can be asked for."""
+def test_ort_int4_block_size_and_symmetry_are_chosen_at_export(artifact, ort_fp32, torch_fp32, tmp_path):
+    """The quantization ONNX Runtime's CUDA weight-only GEMM takes (symmetric, blocks of 64) can be asked for.
+    (The decoder alone is exported, from the artifact's merged torch decoder: no encoder to rebuild.)"""
     import onnx
     from onnx import helper
 
-    artifact = build_artifact(tiny_model, tmp_path / "b64", legacy_adapter, decoders=("ort-int4-fp16",),
-                              ort_block_size=64, ort_symmetric=True)
-    entry = load_manifest(artifact).decoders["ort-int4-fp16"]
-    assert (entry.quantization["block_size"], entry.quantization["symmetric"]) == (64, True)
-    assert entry.validation["logits_cosine_min"] >= 0.99
-    nodes = [n for n in onnx.load(str(artifact / entry.dir / entry.graph)).graph.node if n.op_type == "MatMulNBits"]
+    from export.ort_decoder import export_ort_decoder
+
+    query = torch.from_numpy(ort_fp32.encode(compose_batch(random_pairs(2), processor=ort_fp32.processor)))
+    merged = load_torch_decoder(artifact / "decoder", "torch-fp32", "cpu")
+    name, entry = export_ort_decoder(merged, tmp_path, "int4-fp16", query, [ort_fp32.tokens.bos_token_id],
+                                     block_size=64, symmetric=True)
+    assert (entry["quantization"]["block_size"], entry["quantization"]["symmetric"]) == (64, True)
+    assert entry["validation"]["logits_cosine_min"] >= 0.99
+    nodes = [n for n in onnx.load(str(tmp_path / name / entry["graph"])).graph.node if n.op_type == "MatMulNBits"]
     assert nodes and all(helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size")) == 64
                          for n in nodes)
     assert all(len(n.input) < 4 or not n.input[3] for n in nodes)  # symmetric: no zero points
-    assert first_token(Captioner(artifact, decoder="ort-int4-fp16").backend, torch_fp32)[2].min() >= 0.99
+    from types import SimpleNamespace
+
+    from idc_lite.backends.ort_decoder import OrtDecoder
+    from idc_lite.backends.sessions import open_session
+
+    decoder = OrtDecoder(open_session(tmp_path / name / entry["graph"], "cpu"), ort_fp32.decoder.shape)
+    backend = SimpleNamespace(decoder=decoder, encode=ort_fp32.encode, processor=ort_fp32.processor,
+                              tokenizer=ort_fp32.tokenizer, tokens=ort_fp32.tokens)  # ort_fp32's encoder, this decoder
+    assert first_token(backend, torch_fp32)[2].min() >= 0.99
 
 
 def test_decoder_layers_are_exported_as_matmuls_on_stored_transposes(artifact, torch_fp32):
@@ -482,3 +494,40 @@ def test_decoder_graphs_read_each_past_once(artifact, tmp_path):
     onnx.save_model(model, str(tmp_path / "decoder.onnx"))
     with pytest.raises(ExportError, match=r"reads past\.1\.value with Gather, Identity"):
         check_past_reads(tmp_path / "decoder.onnx")
+
+
+def test_a_weight_quantized_in_slices_is_the_same_as_whole():
+    """The int8 LM head is quantized a slice of output columns at a time, from a transposed view of
+    torch's weight (memory); joined, the slices must be exactly the whole weight's quantization by
+    ONNX Runtime's quantizer, and run as it does."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.graph_ops import quantize_int4, quantize_weight
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((261, 64)).astype(np.float32).T  # (K, N) as a view, as the head's is
+
+    def model(node, initializers):
+        graph = helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["h"], name="relu"), node],
+            "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 261])], initializers)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+    plain = model(helper.make_node("MatMul", ["h", "w"], ["y"], name="head"),
+                  [numpy_helper.from_array(np.ascontiguousarray(weight), "w")])
+    whole = quantize_int4(plain, "g", 32, False, 4, bits=8)
+    sliced = model(*quantize_weight(weight, "h", "y", "head", "w", "g", 8, 32, False, 4, chunk_bytes=64 * 4 * 50))
+    arrays = [{i.name: numpy_helper.to_array(i) for i in m.graph.initializer} for m in (whole, sliced)]
+    assert arrays[0].keys() == arrays[1].keys() and "w" not in arrays[0]
+    assert all(np.array_equal(arrays[0][k], arrays[1][k]) for k in arrays[0])  # six slices, joined
+    assert [n.op_type for n in sliced.graph.node] == ["Relu", "MatMulNBits"]
+    onnx.checker.check_model(sliced)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    outputs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+               for m in (whole, sliced)]
+    expected = np.maximum(x, 0) @ weight
+    assert np.array_equal(outputs[0], outputs[1])
+    assert np.linalg.norm(outputs[1] - expected) / np.linalg.norm(expected) < 0.02  # int8: about 1% error
