@@ -11,8 +11,11 @@ from .errors import ArtifactError
 
 
 def load_decoder(manifest: Manifest, name: str, device: str = "cpu", *, providers: list[str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, profile_prefix: str | None = None):
     """The artifact's decoder ``name`` on ``device``.
+
+    ``profile_prefix`` (ONNX Runtime decoders): turn on ONNX Runtime's per-node profiler; its JSON file
+    is named from that prefix and ``decoder.session.end_profiling()`` returns its path.
 
     An ONNX Runtime decoder comes back as :class:`idc_lite.backends.ort_decoder.OrtDecoder`
     (``generate``, ``new_cache``, ``session``), a torch one as transformers' ``OPTForCausalLM`` in
@@ -23,7 +26,7 @@ def load_decoder(manifest: Manifest, name: str, device: str = "cpu", *, provider
     if name in ORT_DECODERS:
         from .backends.ort_decoder import load_ort_decoder
 
-        return load_ort_decoder(manifest, name, device, providers, threads)
+        return load_ort_decoder(manifest, name, device, providers, threads, profile_prefix)
     if name in TORCH_DECODERS:
         from .backends.torch_decoder import load_torch_decoder
 

@@ -29,3 +29,21 @@ def test_a_backend_faster_than_its_floor_fails_the_sanity_check():
 def test_read_bandwidth_streams_with_the_decoders_threads():
     assert decode_threads() >= 1
     assert read_bandwidth_gbps(size_bytes=1 << 24, threads=2, repeats=1) > 0
+
+
+def test_the_decode_profile_accounts_for_the_step_by_weight(artifact):
+    """The per-node profile of a decode step: every linear map of the layers and the LM head get their
+    own group, with the bytes they read; the groups add up to (nearly) the profiled step."""
+    from benchmarks.decoder_profile import markdown, profile_decode, weight_role
+
+    assert [weight_role(n) for n in ("model.decoder.layers.3.fc1.weight_t_Q4", "lm_head_Q8", "table",
+                                     "model.decoder.layers.0.self_attn.k_proj.weight_t", "val_12")] == [
+        "fc1", "lm_head", "lm_head", "k", None]
+    result = profile_decode(artifact, "ort-int4", steps=3, bandwidth_bytes=1 << 22)
+    groups = {row["group"]: row for row in result["groups"]}
+    assert {"q", "k", "v", "out", "fc1", "fc2", "lm_head", "MatMul"} <= set(groups)  # MatMul: attention scores
+    assert all(groups[g]["weight_bytes"] > 0 for g in ("q", "fc1", "lm_head")) and "weight_bytes" not in groups["MatMul"]
+    assert groups["fc1"]["weight_bytes"] == groups["fc2"]["weight_bytes"]  # the same shape, transposed
+    assert 0.3 < sum(row["share"] for row in result["groups"]) <= 1.0 + 1e-6
+    assert result["profiled_ms_per_step"] > 0 and result["read_gbps"] > 0 and result["machine"]["cpu"]
+    assert "| lm_head |" in markdown(result)

@@ -33,12 +33,13 @@ from ..settings import GenerationSettings, TokenSettings
 logger = logging.getLogger("idc_lite")
 
 def load_ort_decoder(manifest: Manifest, name: str, device: str, providers: list[str] | None = None,
-                     threads: int | None = None) -> "OrtDecoder":
-    """Open the artifact's ONNX Runtime decoder ``name`` on ``device``."""
+                     threads: int | None = None, profile_prefix: str | None = None) -> "OrtDecoder":
+    """Open the artifact's ONNX Runtime decoder ``name`` on ``device`` (profiled: see ``open_session``)."""
     from .sessions import open_session
 
     path = manifest.decoder_graph(name)
-    return OrtDecoder(open_session(path, device, providers, threads), manifest.decoders[name].shape, path)
+    session = open_session(path, device, providers, threads, profile_prefix=profile_prefix)
+    return OrtDecoder(session, manifest.decoders[name].shape, path)
 
 
 class OrtDecoder:

@@ -71,8 +71,12 @@ def both_runtimes_installed() -> bool:
     return found == 2
 
 
-def open_session(path, device: str, providers: list[str] | None = None, threads: int | None = None):
-    """An ONNX Runtime session for the graph at ``path`` on ``device``; a graph it cannot load is an ArtifactError."""
+def open_session(path, device: str, providers: list[str] | None = None, threads: int | None = None,
+                 profile_prefix: str | None = None):
+    """An ONNX Runtime session for the graph at ``path`` on ``device``; a graph it cannot load is an ArtifactError.
+
+    ``profile_prefix``: ONNX Runtime's per-node profiler on, writing ``<prefix>_<time>.json``
+    (``session.end_profiling()`` ends it and returns the path); for benchmarks, never the default."""
     import onnxruntime as ort
 
     check_onnxruntime(path, ort.__version__)  # the GPU wheel is not bound by this package's requirement
@@ -84,6 +88,9 @@ def open_session(path, device: str, providers: list[str] | None = None, threads:
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     chosen = session_providers(device, providers)
     wants_cuda = any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider" for p in chosen)
     if wants_cuda:
