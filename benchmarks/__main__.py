@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
                       help="With --config/--tiny: the int4 ONNX Runtime decoders' block size (default 32).")
     what.add_argument("--ort-symmetric", action="store_true",
                       help="With --config/--tiny: symmetric int4 blocks for the ONNX Runtime decoders.")
+    what.add_argument("--ort-head", choices=("int8", "fp16"), default=None,
+                      help="With --config/--tiny: ort-int4's LM head (default: int8 for large heads, as the export).")
     how = p.add_argument_group("how")
     how.add_argument("--backends", nargs="+", metavar="NAME",
                      help="Only these backends (e.g. reference-fp32-cpu lite-ort-int4-cpu); default: all.")
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         artifact=args.artifact, config=args.config, tiny=args.tiny, reference=args.reference,
         reference_adapter=args.reference_adapter, depth_scale=args.depth_scale,
         decoders=tuple(args.decoders or DEFAULT_DECODERS), encoder_precision=args.encoder_precision,
-        ort_block_size=args.ort_block_size, ort_symmetric=args.ort_symmetric,
+        ort_block_size=args.ort_block_size, ort_symmetric=args.ort_symmetric, ort_head=args.ort_head,
         backends=tuple(args.backends) if args.backends else None,
         devices=tuple(args.devices) if args.devices else None, batch_sizes=tuple(sorted(set(args.batch_sizes))),
         repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens, quality=args.quality,

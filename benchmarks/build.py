@@ -134,7 +134,7 @@ def grid_decoder_weights(language_model, std: float, generator) -> None:
 # -------------------------------------------------------------------------------- artifact
 def build_random_artifact(model_dir: Path, out: Path, decoders: list[str], name: str,
                           encoder_precision: str = "fp32", ort_block_size: int | None = None,
-                          ort_symmetric: bool = False) -> Path:
+                          ort_symmetric: bool = False, ort_head: str | None = None) -> Path:
     """Export ``model_dir`` into an artifact with the product's exporter (which loads one part at a time)."""
     from export.build import build_artifact
 
@@ -142,7 +142,7 @@ def build_random_artifact(model_dir: Path, out: Path, decoders: list[str], name:
     # is checked for (see the module doc); the decoders' checks hold on the grid weights.
     return build_artifact(model_dir, out, decoders=decoders, name=name, force=True,
                           encoder_precision=encoder_precision, enforce_encoder_check=False,
-                          ort_block_size=ort_block_size, ort_symmetric=ort_symmetric or None)
+                          ort_block_size=ort_block_size, ort_symmetric=ort_symmetric or None, ort_head=ort_head)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, help="The BLIP-2 config.json (model); none: a tiny model.")
     parser.add_argument("--ort-block-size", type=int, help="int4 ONNX Runtime decoders' block size (artifact).")
     parser.add_argument("--ort-symmetric", action="store_true", help="Symmetric int4 blocks (artifact).")
+    parser.add_argument("--ort-head", choices=("int8", "fp16"), help="ort-int4's LM head precision (artifact).")
     parser.add_argument("--depth-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         build_model(args.config, args.model, args.seed, args.depth_scale)
     else:
         build_random_artifact(args.model, args.out, args.decoder, args.name, args.encoder_precision,
-                              args.ort_block_size, args.ort_symmetric)
+                              args.ort_block_size, args.ort_symmetric, args.ort_head)
 
 
 if __name__ == "__main__":

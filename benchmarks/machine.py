@@ -26,11 +26,23 @@ LIBRARIES = {
 }
 
 
+#: Libraries whose version is read from the module itself: where both the CPU and the GPU wheel of
+#: ONNX Runtime were ever installed, both leave a record and the metadata names the wrong one.
+FROM_MODULE = ("onnxruntime",)
+
+
 def library_versions() -> dict[str, str | None]:
     """Versions of the libraries the measured paths depend on, and Python's."""
+    import importlib
+
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name, candidates in LIBRARIES.items():
         versions[name] = next((v for v in map(_version, candidates) if v), None)
+        if name in FROM_MODULE and versions[name] is not None:
+            try:
+                versions[name] = importlib.import_module(name).__version__
+            except Exception:  # a broken install: keep what its metadata says
+                pass
     return versions
 
 

@@ -30,6 +30,9 @@ from .processes import run_child
 
 #: Bump when :mod:`benchmarks.build` changes what it writes: cached builds are then rebuilt.
 BUILD_VERSION = 6  # 3: external-data weights; 4: no zero vision model; 5: tokenizer check; 6: MatMul layers
+#: Bump when the export changes what an artifact holds but not the model: cached artifacts are then
+#: rebuilt from the cached model. 2: ort-int4's large LM heads in int8.
+ARTIFACT_LAYOUT = 2
 logger = logging.getLogger("benchmarks")
 #: Decoders exported into a random model's artifact unless ``--decoders`` says otherwise.
 DEFAULT_DECODERS = ("bnb-int4", "ort-int4")
@@ -124,7 +127,7 @@ def find_reference_adapter(recorded: dict, base: Path, given: Path | None) -> tu
 def random_subject(
     config: Path | None, cache: Path, logs: Path, *, decoders=DEFAULT_DECODERS, depth_scale: float = 1.0,
     seed: int = 0, rebuild: bool = False, encoder_precision: str = "fp32", ort_block_size: int | None = None,
-    ort_symmetric: bool = False,
+    ort_symmetric: bool = False, ort_head: str | None = None,
 ) -> Subject:
     """A random-weight model for ``config`` (None: tiny) and its artifact, built unless cached."""
     from idc_lite.artifact import TORCH_DECODERS
@@ -139,11 +142,13 @@ def random_subject(
               "config": None if config is None else json.loads(config.read_text(encoding="utf-8"))}
     root = cache / f"{label}-{hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]}"
     encoder = "" if encoder_precision == "fp32" else f"-encoder-{encoder_precision}"
-    ort = ("" if ort_block_size is None else f"-block{ort_block_size}") + ("-symmetric" if ort_symmetric else "")
-    model, artifact = root / "model", root / f"artifact-{'+'.join(decoders)}{encoder}{ort}"
+    ort = (("" if ort_block_size is None else f"-block{ort_block_size}") + ("-symmetric" if ort_symmetric else "")
+           + ("" if ort_head is None else f"-head-{ort_head}"))
+    layout = "" if ARTIFACT_LAYOUT == 1 else f"-layout{ARTIFACT_LAYOUT}"
+    model, artifact = root / "model", root / f"artifact-{'+'.join(decoders)}{encoder}{ort}{layout}"
     with _build_lock(root):
         return _build(root, model, artifact, label, config, decoders, depth_scale, seed, rebuild, encoder_precision,
-                      ort_block_size, ort_symmetric, logs)
+                      ort_block_size, ort_symmetric, ort_head, logs)
 
 
 @contextmanager
@@ -170,7 +175,7 @@ def _build_lock(root: Path):
 
 
 def _build(root: Path, model: Path, artifact: Path, label: str, config, decoders, depth_scale, seed, rebuild,
-           encoder_precision, ort_block_size, ort_symmetric, logs: Path) -> Subject:
+           encoder_precision, ort_block_size, ort_symmetric, ort_head, logs: Path) -> Subject:
     record_path = root / "build.json"
     record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() and not rebuild else {}
     if rebuild:
@@ -198,6 +203,7 @@ def _build(root: Path, model: Path, artifact: Path, label: str, config, decoders
                                        "--encoder-precision", encoder_precision,
                                        *[arg for decoder in decoders for arg in ("--decoder", decoder)],
                                        *(["--ort-block-size", ort_block_size] if ort_block_size else []),
-                                       *(["--ort-symmetric"] if ort_symmetric else [])])
+                                       *(["--ort-symmetric"] if ort_symmetric else []),
+                                       *(["--ort-head", ort_head] if ort_head else [])])
     return Subject(f"{label} (random weights)", artifact, model, config=model / "config.json", random_weights=True,
                    build={"cache": str(root), "stages": record})

@@ -47,6 +47,7 @@ class Options:
     encoder_precision: str = "fp32"
     ort_block_size: int | None = None
     ort_symmetric: bool = False
+    ort_head: str | None = None
     backends: tuple[str, ...] | None = None
     devices: tuple[str, ...] | None = None
     batch_sizes: tuple[int, ...] = (1, 8, 32)
@@ -104,7 +105,8 @@ def resolve_subject(options: Options, logs: Path) -> Subject:
         return random_subject(None if options.tiny else config_path(options.config), options.cache_dir, logs,
                               decoders=options.decoders, depth_scale=options.depth_scale, seed=options.seed,
                               rebuild=options.rebuild, encoder_precision=options.encoder_precision,
-                              ort_block_size=options.ort_block_size, ort_symmetric=options.ort_symmetric)
+                              ort_block_size=options.ort_block_size, ort_symmetric=options.ort_symmetric,
+                              ort_head=options.ort_head)
     return artifact_subject(options.artifact, options.reference, options.reference_adapter)
 
 

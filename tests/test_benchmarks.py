@@ -207,6 +207,7 @@ def test_forcing_new_tokens_generates_exactly_that_many(bench):
 
 def test_encoder_precision_is_built_and_cached_apart(bench, bench_runs, tmp_path):
     from benchmarks.models import DEFAULT_DECODERS, random_subject
+    from benchmarks.models import ARTIFACT_LAYOUT
     from idc_lite.artifact import load_manifest
 
     built = bench_runs.fp16.result()  # random_subject(encoder_precision="fp16") on the smoke run's cache, after it
@@ -218,7 +219,8 @@ def test_encoder_precision_is_built_and_cached_apart(bench, bench_runs, tmp_path
     assert not (tmp_path / "logs").exists()  # built once: this call found it and ran no build stage
     assert json.loads(built.stdout) == subject.to_dict()
     assert str(subject.reference_model) == fp32["reference_model"]
-    assert subject.artifact.name == f"artifact-{'+'.join(DEFAULT_DECODERS)}-encoder-fp16" != Path(fp32["artifact"]).name
+    name = f"artifact-{'+'.join(DEFAULT_DECODERS)}-encoder-fp16-layout{ARTIFACT_LAYOUT}"
+    assert subject.artifact.name == name != Path(fp32["artifact"]).name
     manifest = load_manifest(subject.artifact)
     assert manifest.encoder.precision == "fp16" and list(manifest.decoders) == list(DEFAULT_DECODERS)
     assert manifest.encoder.validation["enforced"] is False  # random vision weights: recorded only
