@@ -50,11 +50,11 @@ def node_groups(graph_path: Path) -> tuple[dict[str, str], dict[str, int]]:
     zero points of a ``MatMulNBits`` included).
     """
     import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
+
+    from .decoder_speed import initializer_bytes
 
     graph = onnx.load(str(graph_path), load_external_data=False).graph
-    sizes = {init.name: int(np.prod(init.dims)) * tensor_dtype_to_np_dtype(init.data_type).itemsize
-             for init in graph.initializer}
+    sizes = {init.name: initializer_bytes(init) for init in graph.initializer}
     groups, weight_bytes = {}, defaultdict(int)
     for node in graph.node:
         role = None
@@ -73,12 +73,13 @@ def profile_decode(artifact: Path, decoder_kind: str = "ort-int4", *, batch: int
     ``bandwidth_bytes``: the buffer the host's read bandwidth is measured on (larger than the caches)."""
     from idc_lite.artifact import load_manifest
     from idc_lite.decoders import load_decoder
+    from idc_lite.errors import ArtifactError
 
     from .decoder_speed import _ort_decode, decode_threads, read_bandwidth_gbps
 
     manifest = load_manifest(artifact, verify=False)
     if decoder_kind not in manifest.decoders or manifest.decoders[decoder_kind].runtime != "onnxruntime":
-        raise SystemExit(f"{artifact}: no ONNX Runtime decoder {decoder_kind!r} (it holds {', '.join(manifest.decoders)})")
+        raise ArtifactError(artifact, f"no ONNX Runtime decoder {decoder_kind!r} (it holds {', '.join(manifest.decoders)})")
     path = manifest.decoder_graph(decoder_kind)
     shape = manifest.decoders[decoder_kind].shape
     tokens = manifest.tokens

@@ -85,9 +85,15 @@ def decoder_weight_bytes(decoder_kind: str, artifact_dir) -> int:
     return total
 
 
+def initializer_bytes(init) -> int:
+    """Bytes of an ONNX initializer's values (read from its dims and type: its data may be external)."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    return int(np.prod(init.dims)) * tensor_dtype_to_np_dtype(init.data_type).itemsize
+
+
 def _onnx_weight_bytes(path: Path) -> int:
     import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
 
     model = onnx.load(str(path), load_external_data=False)
     lookups = {node.input[0] for node in model.graph.node if node.op_type == "Gather"}
@@ -96,7 +102,7 @@ def _onnx_weight_bytes(path: Path) -> int:
     for init in model.graph.initializer:
         if init.name in lookups and init.name not in other:
             continue  # a lookup table: one row per token
-        total += int(np.prod(init.dims)) * tensor_dtype_to_np_dtype(init.data_type).itemsize
+        total += initializer_bytes(init)
     return total
 
 

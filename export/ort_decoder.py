@@ -188,11 +188,11 @@ def export_ort_decoder(
     table_precision = table_precision or TABLE_PRECISION[precision]
     if table_precision not in TOLERANCES:
         raise ExportError(None, f"table precision must be fp32 or fp16, not {table_precision!r}")
-    if head_precision is None:
+    if precision == "fp32":
+        head_precision = table_precision  # the table itself, unquantized
+    elif head_precision is None:
         weights = language_model.get_output_embeddings().weight.numel()
         head_precision = "int8" if precision == "int4" and weights >= INT8_HEAD_MIN_WEIGHTS else "fp16"
-    if precision == "fp32":
-        head_precision = table_precision
     elif head_precision not in HEAD_PRECISIONS or (head_precision == "int8" and precision != "int4"):
         raise ExportError(None, f"the LM head of {PRECISION_TO_DECODER[precision]} may be "
                           f"{' or '.join(('int8', 'fp16') if precision == 'int4' else ('fp16',))}, not {head_precision!r}")
@@ -339,8 +339,7 @@ def replace_head(model, head_name: str, head, source: Path) -> None:
     if before is None or before.op_type != "Cast" or len(after) != 1 or after[0].op_type != "Cast":
         raise ExportError(source, "the LM head is not an fp16 MatMul between two casts: cannot put the int8 head in")
     (after,) = after
-    quantized = type(node)()
-    quantized.CopyFrom(node)
+    quantized = node  # made for this graph alone (int8_head_node): wired in place
     quantized.input[0], quantized.output[0] = before.input[0], after.output[0]
     weight = matmul.input[1]
     for old in (after, matmul) + ((before,) if sum(before.output[0] in n.input for n in graph.node) == 1 else ()):
