@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--encoder-precision", choices=("fp32", "fp16", "int4", "int8"), default="fp32",
                       help="With --config/--tiny: the ONNX encoder's precision (fp16 or int4 for GPUs, int8 for CPUs).")
     what.add_argument("--ort-block-size", type=int, choices=(16, 32, 64, 128, 256), default=None,
-                      help="With --config/--tiny: the int4 ONNX Runtime decoders' block size (default 32).")
+                      help="With --config/--tiny: the int4 ONNX Runtime decoders' block size (default: the export's).")
     what.add_argument("--ort-symmetric", action="store_true",
                       help="With --config/--tiny: symmetric int4 blocks for the ONNX Runtime decoders.")
     what.add_argument("--ort-head", choices=("int8", "fp16"), default=None,

@@ -38,7 +38,7 @@ def build(
         "(instead of --decoder-precision).", show_default=False)] = None,
     ort_block_size: Annotated[Optional[int], typer.Option(
         "--ort-block-size", help="int4 ONNX Runtime decoders: quantization block along K (16, 32, 64, 128 or 256; "
-        "default 32).", show_default=False)] = None,
+        "default 32; 128 for ort-int4 at hidden sizes of 1024 or more).", show_default=False)] = None,
     ort_symmetric: Annotated[bool, typer.Option(
         "--ort-symmetric", help="int4 ONNX Runtime decoders: symmetric blocks (no zero points; default asymmetric).")
     ] = False,

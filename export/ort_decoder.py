@@ -27,10 +27,13 @@ no side file to embed the prefix and the generated tokens.
 **Quantization** (``ort-int4``): ONNX Runtime's ``MatMulNBitsQuantizer`` (round to nearest, block-wise
 along K) on every MatMul of the layers (q, k, v, out, fc1, fc2: exported as MatMul + Add on stored
 transposes, :class:`MatMulLinear`, so that no Gemm needs rewriting; any Gemm left is). Defaults,
-each chosen by measurement (``docs/design.md``, "int4 quantization of the decoder"): blocks of 32,
-asymmetric (:data:`DEFAULT_BLOCK_SIZE`, :data:`DEFAULT_SYMMETRIC`; block 16 is much slower, larger
-blocks less accurate); ``accuracy_level`` 4, int8 activations on CPU (a node attribute fixed at
-export; CUDA ignores it); the embedding table in fp16 for the int4 decoders (:data:`TABLE_PRECISION`:
+each chosen by measurement (``docs/design.md``, "int4 quantization of the decoder"): asymmetric
+blocks (:data:`DEFAULT_SYMMETRIC`) of 32, and of 128 for ``ort-int4`` when the model is wide
+(:func:`default_block_size`: on a CPU, ONNX Runtime's packed weights carry two fp32 numbers per
+block, so blocks of 128 hold OPT-2.7B's layers in much less memory and decode faster; short rows,
+such as the embedded model's 256, keep blocks of 32, which err less where a row has few blocks; the
+GPU's choice is not yet measured again); ``accuracy_level`` 4, int8 activations on CPU (a node
+attribute fixed at export; CUDA ignores it); the embedding table in fp16 for the int4 decoders (:data:`TABLE_PRECISION`:
 a token's lookup reads one row of it). The LM head of ``ort-int4`` is a ``MatMulNBits`` of its own
 in **int8** (blocks as the layers') when it is large (:data:`INT8_HEAD_MIN_WEIGHTS`, OPT-2.7B's is
 129 M): the fp16 head was then the largest single cost of a CPU decode step (39% of it at a quarter
@@ -83,6 +86,9 @@ logger = logging.getLogger("export")
 PRECISION_TO_DECODER = {precision: name for name, precision in ORT_DECODERS.items()}
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
+#: ort-int4 quantizes in blocks of :data:`WIDE_BLOCK_SIZE` when the hidden size is at least this.
+WIDE_MIN_HIDDEN = 1024
+WIDE_BLOCK_SIZE = 128
 DEFAULT_SYMMETRIC = False
 DEFAULT_ACCURACY_LEVEL = 4
 #: Precision of the embedding table / LM head, per decoder precision.
@@ -167,7 +173,7 @@ def graph_shape(language_model) -> dict:
 
 def export_ort_decoder(
     language_model, out_dir: Path, precision: str = "int4", query_embeds: torch.Tensor | None = None,
-    prefix: list[int] | None = None, *, block_size: int = DEFAULT_BLOCK_SIZE, symmetric: bool = DEFAULT_SYMMETRIC,
+    prefix: list[int] | None = None, *, block_size: int | None = None, symmetric: bool = DEFAULT_SYMMETRIC,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL, table_precision: str | None = None,
     head_precision: str | None = None,
 ) -> tuple[str, dict]:
@@ -181,6 +187,8 @@ def export_ort_decoder(
     if precision not in PRECISION_TO_DECODER:
         raise ExportError(None, f"ONNX Runtime decoder precision must be one of {', '.join(PRECISION_TO_DECODER)}, "
                           f"not {precision!r}")
+    if block_size is None:
+        block_size = default_block_size(precision, language_model.config.hidden_size)
     if block_size not in BLOCK_SIZES:
         raise ExportError(None, f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {block_size}")
     if query_embeds is None or not prefix:
@@ -252,6 +260,11 @@ def export_ort_decoder(
         if int8_head:
             entry["quantization"]["lm_head"] = {"bits": 8, "block_size": block_size, "symmetric": symmetric}
     return name, entry
+
+
+def default_block_size(precision: str, hidden_size: int) -> int:
+    """The int4 block size along K when none is asked for (see the module docstring)."""
+    return WIDE_BLOCK_SIZE if precision == "int4" and hidden_size >= WIDE_MIN_HIDDEN else DEFAULT_BLOCK_SIZE
 
 
 def _export_graph(module: CachedDecoder, path: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 from conftest import MAX_NEW_TOKENS, random_pairs
 from export.build import build_artifact, decoder_names
 from export.errors import AtolError, ExportError, QuantizationError, ShapeError
+from export.ort_decoder import default_block_size
 from idc_lite import Captioner, GenerationSettings
 from idc_lite.artifact import load_manifest
 from idc_lite.backends.lite import DEFAULT_DECODERS
@@ -400,6 +401,8 @@ def test_manifest_entries_and_decoder_choice(artifact):
     assert int4.quantization == {"method": "onnxruntime-matmulnbits", "bits": 4, "block_size": 32, "symmetric": False,
                                     "accuracy_level": 4, "not_quantized": ["embedding table"],
                                     "lm_head": {"bits": 8, "block_size": 32, "symmetric": False}}
+    # blocks of 32 for this narrow model; of 128 for a wide ort-int4 (OPT-2.7B: 2560), never for CUDA's
+    assert [default_block_size(p, h) for p, h in (("int4", 64), ("int4", 2560), ("int4-fp16", 2560))] == [32, 128, 32]
     assert decoder_names() == ("bnb-int4", "ort-int4") and decoder_names("fp32") == ("torch-fp32",)
     assert decoder_names(decoders=["ort-int4", "torch-fp32", "ort-int4"]) == ("ort-int4", "torch-fp32")
     for bad, message in (((None, ["bnb-int4", "torch-fp32"]), "at most one torch decoder"),
