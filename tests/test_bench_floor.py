@@ -47,3 +47,19 @@ def test_the_decode_profile_accounts_for_the_step_by_weight(artifact):
     assert 0.3 < sum(row["share"] for row in result["groups"]) <= 1.0 + 1e-6
     assert result["profiled_ms_per_step"] > 0 and result["read_gbps"] > 0 and result["machine"]["cpu"]
     assert "| lm_head |" in markdown(result)
+
+
+def test_the_decoder_ab_runs_each_build_in_a_process_of_its_own_and_alternates_which_goes_first(artifact):
+    """Two builds timed one after the other measure the machine's drift; the A/B interleaves them."""
+    from benchmarks.decoder_ab import compare, markdown, round_order
+
+    assert [round_order(r) for r in range(3)] == [("a", "b"), ("b", "a"), ("a", "b")]
+    lines = []
+    result = compare(str(artifact), str(artifact), "ort-int4", [1, 2], rounds=1, tokens=2, repeats=1, log=lines.append)
+    assert [line.split(":")[0] for line in lines] == ["round 1 A", "round 1 B"]
+    for side in ("a", "b"):
+        (run,) = result["runs"][side]
+        assert set(run["ms_per_token"]) == {"1", "2"} and min(run["ms_per_token"].values()) > 0
+        assert run["peak_rss_bytes"] > 1 << 20  # the child's own peak, measured by its runner
+    assert set(result["ratio_b_over_a"]["ms_per_token"]) == {"1", "2"} and result["ratio_b_over_a"]["peak_rss"] > 0
+    assert "| B / A |" in markdown(result)
