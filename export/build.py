@@ -94,8 +94,9 @@ def build_artifact(
     ``decoders`` names the decoders to build (e.g. ``("bnb-int4", "ort-int4")``); without it,
     ``decoder_precision`` picks them (:data:`DECODERS_BY_PRECISION`; int4 by default).
     ``ort_block_size`` and ``ort_symmetric`` set the int4 ONNX Runtime decoders' quantization
-    (default: asymmetric blocks of 32, 128 for a wide ``ort-int4``; ``export/ort_decoder.py``); ``ort_head`` the LM head's precision
-    in ``ort-int4`` (``int8`` or ``fp16``; default: int8 for large heads, ``export/ort_decoder.py``).
+    (default: asymmetric blocks of 32, of 128 for a wide ``ort-int4``; ``export/ort_decoder.py``);
+    ``ort_head`` the LM head's precision in ``ort-int4`` (``int8`` or ``fp16``; default: int8 for
+    large heads, ``export/ort_decoder.py``).
     ``ship_reference`` ships the base in fp16 and the adapter in the artifact's ``reference/``
     (:mod:`export.reference`). ``provenance`` (e.g. ``{"recipe": "demo", "seed": 0}``) is recorded in
     the manifest's provenance in place of the local paths of the base and the adapter
