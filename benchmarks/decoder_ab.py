@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,7 +47,7 @@ def compare(a: str, b: str, decoder: str, batch_sizes: list[int], rounds: int, t
     from .processes import run_child
 
     runs: dict[str, list[dict]] = {"a": [], "b": []}
-    logs = Path(tempfile.mkdtemp(prefix="decoder-ab-"))  # kept: a failed run's error names its log
+    logs = Path(tempfile.mkdtemp(prefix="decoder-ab-"))  # kept if a run fails: its error names the log
     for round_ in range(rounds):
         for side in round_order(round_):
             artifact, out = {"a": a, "b": b}[side], logs / f"{side}{round_}.json"
@@ -59,6 +60,7 @@ def compare(a: str, b: str, decoder: str, batch_sizes: list[int], rounds: int, t
             runs[side].append({"ms_per_token": ms, "peak_rss_bytes": child.peak_rss_bytes})
             log(f"round {round_ + 1} {side.upper()}: " + ", ".join(f"batch {k} {v:.1f} ms" for k, v in ms.items())
                 + f", peak RSS {child.peak_rss_bytes / 2**30:.2f} GiB")
+    shutil.rmtree(logs, ignore_errors=True)
     median = {side: {"ms_per_token": {str(batch): statistics.median(r["ms_per_token"][str(batch)] for r in rs)
                                       for batch in batch_sizes},
                      "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in rs)}
