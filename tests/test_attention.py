@@ -214,7 +214,8 @@ def test_the_embedded_model_ships_with_its_attention_graph():
     if not (EMBEDDED_DIR / MANIFEST).is_file():
         pytest.skip("no embedded model in this checkout")
     manifest = load_manifest(EMBEDDED_DIR)
-    assert manifest.attention is not None and manifest.attention.validation["max_abs_diff"] == 0.0
+    validation = manifest.attention.validation if manifest.attention else {}
+    assert validation and validation["max_abs_diff"] <= validation["tolerance"], validation
     assert sum(f.stat().st_size for f in EMBEDDED_DIR.rglob("*") if f.is_file()) <= 50e6
     maps = Captioner().attention(*_pair(before_size=(64, 64), after_size=(64, 64)), heads="all")
     assert maps.matrix.shape == (3, 101, 101) and maps.layer == 5

@@ -63,11 +63,11 @@ def test_the_cli_describes_the_readme_example_offline():
 
 #: The example pairs the shipped model still describes wrongly (issue 18): each is an xfail that must
 #: fail, so that a model that gets one right turns it into a failure until it is taken off this list.
-WRONG_TODAY = {"add", "remove", "color", "local", "text"}
+WRONG_TODAY = {"add", "remove", "color", "local"}
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="issue 18: the shipped model does not compare"))
+    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="issue 18: the shipped model does not yet tell additions, removals, recolourings and moves apart"))
     if name in WRONG_TODAY else name for name in EXAMPLE_TRUTH])
 def test_the_example_pair_is_described_with_the_right_kind_of_change_and_object(default, name):
     """The six pairs of examples/ (the README's first command is add.png), read with the strict rule."""
@@ -81,12 +81,12 @@ def test_the_example_pair_is_described_with_the_right_kind_of_change_and_object(
 @pytest.mark.parametrize("split", ["test", "shifted"])
 def test_captions_say_what_kind_of_change_happened(default, split):
     """On unseen pairs of the wide world, captions state the right kind of change (the strict rule) in
-    more than one category, above chance overall.
+    several categories, well above chance overall.
 
     Chance is 1/9; a broken encoder, decoder or composition path repeats one caption and can be right
-    in one category only. The shipped model is right far above these floors in `global` and `text`
-    only (docs/model-card.md: it does not compare the halves, issue 18); the floors leave room for
-    any CPU's int4 rounding.
+    in one category only, and the previous embedded model (which did not compare the halves) was right
+    in 26% and 25% of these splits' pairs (docs/model-card.md). The floors sit below what the shipped
+    model gives on these 108 pairs, leaving room for any CPU's int4 rounding.
     """
     from collections import defaultdict
 
@@ -100,7 +100,7 @@ def test_captions_say_what_kind_of_change_happened(default, split):
         right[pair.category].append(says_kind(result.caption, pair.category))
     shares = {c: sum(v) / len(v) for c, v in right.items()}
     overall = sum(map(sum, right.values())) / len(pairs)
-    assert overall >= 0.15 and sum(share >= 0.25 for share in shares.values()) >= 2, (overall, shares)
+    assert overall >= 0.28 and sum(share >= 0.3 for share in shares.values()) >= 3, (overall, shares)
 
 
 def test_a_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path):

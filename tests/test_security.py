@@ -104,7 +104,7 @@ def test_a_malformed_manifest_is_one_artifact_error(artifact, change, problem):
 
 
 def test_unlisted_symlinked_hard_linked_or_altered_files_are_refused(artifact, tmp_path):
-    extra = artifact / "ort-int4" / "decoder.onnx.data"
+    extra = artifact / "ort-int4" / "unlisted.onnx.data"
     extra.write_bytes(b"\0" * 64)
     with pytest.raises(ArtifactError, match="not listed in the manifest"):
         load_manifest(artifact)
