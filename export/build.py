@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
 import shutil
 import tempfile
@@ -110,8 +111,7 @@ def build_artifact(
         raise ExportError(out, "already exists; use --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     # An unpredictable name, made by this process (never a folder or link planted under a known name).
-    work = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
-    work.chmod(0o755)  # mkdtemp's 0700 would stay on the artifact
+    work = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))  # 0700 until it is complete
     started = time.perf_counter()
 
     try:
@@ -125,11 +125,26 @@ def build_artifact(
         if full is not None:
             raise full from exc
         raise
+    readable_by_umask(work)
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     work.rename(out)
     logger.info("artifact written to %s in %.0f s", out, time.perf_counter() - started)
     return out
+
+
+def readable_by_umask(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the mode a plain write would (0666 / 0777 less the umask).
+
+    Some writers (safetensors' ``save_file``, the int4 quantizer's external data) create files 0600,
+    which would leave parts of an artifact in a shared folder unreadable by its other users.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _ort_quantization(block_size: int | None, symmetric: bool | None, head: str | None = None) -> dict:

@@ -34,6 +34,19 @@ def shipped(tiny_model, legacy_adapter, tmp_path_factory) -> Path:
     return artifact
 
 
+def test_every_file_of_a_built_artifact_gets_the_mode_a_plain_write_would(shipped):
+    """safetensors and the int4 quantizer write 0600 files; an artifact in a shared folder must stay readable."""
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.relative_to(shipped).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [shipped, *shipped.rglob("*")]}
+    assert modes[REFERENCE_BASE_DIR + "/model.safetensors"] == 0o666 & ~mask
+    assert {name: mode for name, mode in modes.items()
+            if mode != (0o777 if (shipped / name).is_dir() else 0o666) & ~mask} == {}
+
+
 def _rewrite(artifact: Path, target: Path, change) -> Path:
     """A copy of ``artifact`` whose folder ``change(folder, data)`` alters, re-hashed: a consistent artifact."""
     shutil.copytree(artifact, target)
