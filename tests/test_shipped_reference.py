@@ -41,7 +41,8 @@ def test_every_file_of_a_built_artifact_gets_the_mode_a_plain_write_would(shippe
 
     mask = os.umask(0)
     os.umask(mask)
-    modes = {p.relative_to(shipped).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [shipped, *shipped.rglob("*")]}
+    modes = {p.relative_to(shipped).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in [shipped, *shipped.rglob("*")]}
     assert modes[REFERENCE_BASE_DIR + "/model.safetensors"] == 0o666 & ~mask
     assert {name: mode for name, mode in modes.items()
             if mode != (0o777 if (shipped / name).is_dir() else 0o666) & ~mask} == {}
