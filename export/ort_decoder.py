@@ -35,8 +35,8 @@ embedded model's 256, keep blocks of 32, which err less where a row has few bloc
 choice is not yet measured again); ``accuracy_level`` 4, int8 activations on CPU (a node attribute
 fixed at export; CUDA ignores it); the embedding table in fp16 for the int4 decoders
 (:data:`TABLE_PRECISION`: a token's lookup reads one row of it). The LM head of ``ort-int4`` is a
-``MatMulNBits`` of its own in **int8** (blocks as the layers') when it is large (:data:`INT8_HEAD_MIN_WEIGHTS`, OPT-2.7B's is
-129 M): the fp16 head was then the largest single cost of a CPU decode step (39% of it at a quarter
+``MatMulNBits`` of its own in **int8** (blocks as the layers') when it is large
+(:data:`INT8_HEAD_MIN_WEIGHTS`, OPT-2.7B's is 129 M): the fp16 head was then the largest single cost of a CPU decode step (39% of it at a quarter
 of the depth, read at half the host's bandwidth), and ONNX Runtime kept an fp32 copy of it in
 memory; int8 reads half the bytes in a fifth of the time, at a relative logit error under 1%
 (``docs/design.md``, "The LM head in int8"). The table and the head are then two initializers even
