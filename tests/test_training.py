@@ -172,3 +172,33 @@ def test_train_cli(tiny_model, world, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", str(world[0]), "-m", str(tiny_model), "-o", str(out), "--schedule", "step"])
     assert info.value.code == 2 and "schedule must be constant or cosine" in capsys.readouterr().err
+
+
+FROZEN = ("vision_model.embeddings.position_embedding", "vision_model.encoder.layers.0.self_attn")
+
+
+def test_frozen_weights_stay_as_built_in_full_and_lora_training(tiny_model, world, tmp_path):
+    """``frozen`` keeps hand-built weights: not trained in full mode, no LoRA in LoRA mode; a run resumes."""
+    from transformers import Blip2ForConditionalGeneration
+
+    train, val = sources(tiny_model, world)
+    settings = dict(mode="full", lr=5e-3, batch_size=4, val_every=2, warmup_steps=0, frozen=FROZEN)
+    Trainer(tiny_model, tmp_path / "full", TrainSettings(max_steps=2, **settings), train, val).run()
+    resumed = Trainer(tiny_model, tmp_path / "full", TrainSettings(max_steps=4, **settings), train, val)
+    assert resumed.step == 2
+    resumed.run()
+    start = dict(Blip2ForConditionalGeneration.from_pretrained(tiny_model).named_parameters())
+    trained = dict(Blip2ForConditionalGeneration.from_pretrained(tmp_path / "full" / "best").named_parameters())
+    kept = [n for n in start if n.startswith(FROZEN)]
+    assert kept and all(torch.equal(start[n], trained[n]) for n in kept)
+    assert not torch.equal(start["vision_model.encoder.layers.1.self_attn.qkv.weight"],
+                           trained["vision_model.encoder.layers.1.self_attn.qkv.weight"])
+
+    Trainer(tiny_model, tmp_path / "lora", TrainSettings(rank=4, max_steps=2, **{**settings, "mode": "lora"}),
+            train, val).run()
+    adapted = load_file(str(tmp_path / "lora" / "best" / "adapter_model.safetensors"))
+    assert any("vision_model.encoder.layers.1.self_attn.qkv" in k for k in adapted)
+    assert not any("vision_model.encoder.layers.0.self_attn" in k for k in adapted)
+
+    with pytest.raises(IdcError, match="no weights named vision_model.nowhere"):
+        Trainer(tiny_model, tmp_path / "none", TrainSettings(frozen=("vision_model.nowhere",)), train, val)

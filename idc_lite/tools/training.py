@@ -56,6 +56,10 @@ class TrainSettings:
     weight_decay: float = 0.01
     max_caption_tokens: int = 40
     seed: int = 0
+    #: Weights kept as they are, named by parameter or module prefix ("vision_model.encoder.layers.0.self_attn"):
+    #: not trained in full mode, and given no LoRA in LoRA mode. For structure built into a model by hand
+    #: (the demo's comparison heads), which training would otherwise wear away.
+    frozen: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.mode not in ("lora", "full"):
@@ -64,6 +68,7 @@ class TrainSettings:
             raise ValueError(f"schedule must be constant or cosine, not {self.schedule!r}")
         if self.rank < 1 or self.batch_size < 1 or self.max_steps < 1 or self.val_every < 1:
             raise ValueError("rank, batch_size, max_steps and val_every must be at least 1")
+        object.__setattr__(self, "frozen", tuple(self.frozen))
 
     @property
     def learning_rate(self) -> float:
@@ -155,16 +160,25 @@ class CaptionBatcher:
 
 def _resumable(settings: dict) -> dict:
     """The settings a resumed run must share with its checkpoint (it may run longer or be more patient)."""
-    return {k: v for k, v in settings.items() if k not in ("max_steps", "patience")}
+    return json.loads(json.dumps({k: v for k, v in settings.items() if k not in ("max_steps", "patience")}))
 
 
-def lora_config(rank: int, num_qformer_layers: int):
-    """BLIP2IDC's LoRA config for a model whose Q-Former has ``num_qformer_layers`` layers."""
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether the parameter or module ``name`` is one of ``prefixes`` or lies inside one."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def lora_config(rank: int, num_qformer_layers: int, exclude: list[str] | None = None):
+    """BLIP2IDC's LoRA config for a model whose Q-Former has ``num_qformer_layers`` layers.
+
+    ``exclude``: full module names that get no LoRA (see :attr:`TrainSettings.frozen`).
+    """
     from peft import LoraConfig
 
     targets = [t for t in BLIP2IDC_TARGET_MODULES if "crossattention" not in t]
     targets += [f"qformer.encoder.layer.{i}.crossattention.attention.query" for i in range(max(12, num_qformer_layers))]
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, bias="none", target_modules=targets)
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, bias="none", target_modules=targets,
+                      exclude_modules=exclude or None)
 
 
 class Trainer:
@@ -188,10 +202,16 @@ class Trainer:
         self.batcher = CaptionBatcher(self.tokenizer, token_settings(config), settings.max_caption_tokens)
         torch.manual_seed(settings.seed)
         net = Blip2ForConditionalGeneration.from_pretrained(self.model_dir, dtype=torch.float32)
+        if settings.frozen and not any(_under(n, settings.frozen) for n, _ in net.named_parameters()):
+            raise IdcError(self.model_dir, f"has no weights named {', '.join(settings.frozen)} to keep frozen")
         if settings.mode == "lora":
             from peft import get_peft_model
 
-            net = get_peft_model(net, lora_config(settings.rank, net.config.qformer_config.num_hidden_layers))
+            exclude = [n for n, _ in net.named_modules() if n and _under(n, settings.frozen)]
+            net = get_peft_model(net, lora_config(settings.rank, net.config.qformer_config.num_hidden_layers, exclude))
+        else:
+            for name, param in net.named_parameters():
+                param.requires_grad_(not _under(name, settings.frozen))
         self.net = net
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
