@@ -34,15 +34,15 @@ blocks of 128 hold OPT-2.7B's layers in less memory and decode faster; short row
 embedded model's 256, keep blocks of 32, which err less where a row has few blocks; the GPU's
 choice is not yet measured again); ``accuracy_level`` 4, int8 activations on CPU (a node attribute
 fixed at export; CUDA ignores it); the embedding table in fp16 for the int4 decoders
-(:data:`TABLE_PRECISION`: a token's lookup reads one row of it). The LM head of ``ort-int4`` is a
-``MatMulNBits`` of its own in **int8** (blocks as the layers') when it is large
-(:data:`INT8_HEAD_MIN_WEIGHTS`, OPT-2.7B's is 129 M): the fp16 head was then the largest single cost of a CPU decode step (39% of it at a quarter
-of the depth, read at half the host's bandwidth), and ONNX Runtime kept an fp32 copy of it in
-memory; int8 reads half the bytes in a fifth of the time, at a relative logit error under 1%
-(``docs/design.md``, "The LM head in int8"). The table and the head are then two initializers even
-when OPT ties them; the table's pages that no lookup reads stay on disk. A small head (the embedded
-model's) stays in the caches and costs nothing to read: quantizing it would only add error, so it
-keeps the fp16 table it shares. ``head_precision`` (``int8`` or ``fp16``) overrides the choice;
+(:data:`TABLE_PRECISION`). The LM head of ``ort-int4`` is a ``MatMulNBits`` of its own in **int8**
+(blocks as the layers') when it is large (:data:`INT8_HEAD_MIN_WEIGHTS`; OPT-2.7B's is 129 M): the
+fp16 head was then the largest single cost of a CPU decode step, read at half the host's bandwidth,
+and ONNX Runtime kept an fp32 copy of it in memory; int8 reads half the bytes in a fraction of the
+time, at a relative logit error under 1% (``docs/design.md``, "The LM head in int8"). The table and
+the head are then two initializers even when OPT ties them, and the table is stored by rows, one
+token's embedding in one place, so that the pages no lookup reads stay on disk (:class:`CachedDecoder`).
+A small head (the embedded model's) stays in the caches and costs nothing to read: quantizing it
+would only add error, so it keeps the fp16 table it shares. ``head_precision`` (``int8`` or ``fp16``) overrides the choice;
 ``ort-int4-fp16`` (for CUDA) always keeps the fp16 head. The graph is exported with the fp16 head;
 the int8 one, quantized from torch's weight beforehand (:func:`int8_head_node`), replaces it in the
 int4 pass (:func:`replace_head`).
@@ -133,17 +133,28 @@ def linears_as_matmuls(language_model) -> None:
 
 
 class CachedDecoder(torch.nn.Module):
-    """``OPTForCausalLM`` as the exported graph: flat cache tensors in and out, the table inside."""
+    """``OPTForCausalLM`` as the exported graph: flat cache tensors in and out, the table inside.
 
-    def __init__(self, language_model, table_dtype: torch.dtype = torch.float32):
+    The table is stored transposed, ``(hidden, vocab)``, so that a tied LM head can read the same
+    initializer. With ``table_by_rows`` (for a head that is replaced by its own int8 node) it is stored
+    ``(vocab, hidden)`` instead, apart from the head: a lookup then reads one row, a few pages of the
+    mapped file, where a column of the transposed table touches a page in every one of its rows.
+    """
+
+    def __init__(self, language_model, table_dtype: torch.dtype = torch.float32, table_by_rows: bool = False):
         super().__init__()
         self.model = language_model.model
         embed = language_model.get_input_embeddings().weight.detach()
         head = language_model.get_output_embeddings().weight.detach()
         self.tied = head.shape == embed.shape and torch.equal(head, embed)
-        self.table = torch.nn.Parameter(embed.t().contiguous().to(table_dtype), requires_grad=False)
-        self.head = self.table if self.tied else torch.nn.Parameter(head.t().contiguous().to(table_dtype),
-                                                                    requires_grad=False)
+        self.table_by_rows = table_by_rows
+        if table_by_rows:
+            self.table = torch.nn.Parameter(embed.contiguous().to(table_dtype), requires_grad=False)
+            self.head = torch.nn.Parameter(head.t().contiguous().to(table_dtype), requires_grad=False)
+        else:
+            self.table = torch.nn.Parameter(embed.t().contiguous().to(table_dtype), requires_grad=False)
+            self.head = self.table if self.tied else torch.nn.Parameter(head.t().contiguous().to(table_dtype),
+                                                                        requires_grad=False)
         self.num_layers = language_model.config.num_hidden_layers
         # transformers >= 5.2x renamed ``past_key_values`` to ``cache`` (the old name still works, with a warning).
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
@@ -152,7 +163,10 @@ class CachedDecoder(torch.nn.Module):
         from transformers.cache_utils import DynamicCache
 
         rows, count = input_ids.shape
-        tokens = self.table.index_select(1, input_ids.reshape(-1)).t().reshape(rows, count, -1)
+        if self.table_by_rows:
+            tokens = self.table.index_select(0, input_ids.reshape(-1)).reshape(rows, count, -1)
+        else:
+            tokens = self.table.index_select(1, input_ids.reshape(-1)).t().reshape(rows, count, -1)
         embeds = torch.cat([inputs_embeds, tokens.to(inputs_embeds.dtype)], dim=1)
         cache = DynamicCache(ddp_cache_data=[
             (past[2 * i].index_select(0, beam_idx), past[2 * i + 1].index_select(0, beam_idx))
@@ -213,7 +227,9 @@ def export_ort_decoder(
     linears_as_matmuls(language_model)  # the caller's copy: it loads the weights for this decoder alone
     shape = graph_shape(language_model)
     reference = CachedDecoder(language_model, torch.float32).eval()
-    module = reference if table_precision == "fp32" else CachedDecoder(language_model, torch.float16).eval()
+    # An int8 head replaces the graph's own in the int4 pass: the table is then stored by rows (CachedDecoder).
+    module = reference if table_precision == "fp32" else CachedDecoder(language_model, torch.float16,
+                                                                       table_by_rows=int8_head).eval()
     # The int8 head is quantized now, from torch's fp32 weight, while memory is low; the graph is exported
     # with the fp16 head as before, and the quantized head replaces it in the int4 pass (_quantize).
     head = int8_head_node(language_model, block_size, symmetric, accuracy_level) if int8_head else None
@@ -273,7 +289,7 @@ def _export_graph(module: CachedDecoder, path: Path) -> None:
     head_dim = module.model.config.hidden_size // heads
     rows, embeds, ids, past_rows, past_len = 2, 3, 2, 3, 4
     example = (
-        torch.zeros(rows, embeds, module.table.shape[0]), torch.zeros(rows, ids, dtype=torch.long),
+        torch.zeros(rows, embeds, module.head.shape[0]), torch.zeros(rows, ids, dtype=torch.long),
         torch.ones(rows, past_len + embeds + ids, dtype=torch.long), torch.tensor([2, 0]),
         *[torch.zeros(past_rows, heads, past_len, head_dim) for _ in range(2 * module.num_layers)],
     )
@@ -413,7 +429,7 @@ def validation_cases(module: CachedDecoder, query_embeds: torch.Tensor, prefix: 
         presents = module(*_args(prefill))[1:]
     generator = torch.Generator().manual_seed(0)
     decode = {"inputs_embeds": torch.zeros(rows, 0, query_embeds.shape[2]),
-              "input_ids": torch.randint(4, module.table.shape[1], (rows, 1), generator=generator),
+              "input_ids": torch.randint(4, module.head.shape[1], (rows, 1), generator=generator),
               "attention_mask": torch.ones(rows, total + 1, dtype=torch.long),
               "beam_idx": torch.arange(rows).flip(0), "past": [p.float() for p in presents]}
     return [prefill, padded, decode]

@@ -346,7 +346,8 @@ def test_export_validation_raises_typed_errors(artifact, tiny_model, ort_fp32, m
 def test_a_tied_head_gets_an_int8_matmul_of_its_own_and_fp16_keeps_it_shared(artifact, ort_fp32, artifact_int4,
                                                                               monkeypatch, tmp_path):
     """Real OPT ties its LM head to the token table. ort-int4's int8 head must then be a MatMulNBits on
-    its own initializer, the fp16 table read by the lookup alone; ``head_precision="fp16"`` keeps the
+    its own initializer, the fp16 table read by the lookup alone and stored by rows (a token's
+    embedding in one place, not spread over every row of a transposed table); ``head_precision="fp16"`` keeps the
     one shared fp16 table, and ort-int4-fp16 takes no int8 head. By default a head is int8 from
     ``INT8_HEAD_MIN_WEIGHTS`` weights on: the tiny model's default build keeps its small head in fp16."""
     import export.ort_decoder as ort_export
@@ -373,6 +374,11 @@ def test_a_tied_head_gets_an_int8_matmul_of_its_own_and_fp16_keeps_it_shared(art
         table = next(n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in
                      {init.name for init in graph.initializer})
         readers[head] = sorted(n.op_type for n in graph.node if table in n.input)
+        dims = next(list(init.dims) for init in graph.initializer if init.name == table)
+        gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0] == table)
+        axis = helper.get_attribute_value(next(a for a in gather.attribute if a.name == "axis"))
+        vocab, hidden = tied_decoder().get_input_embeddings().weight.shape
+        assert (dims, axis) == (([vocab, hidden], 0) if head == "int8" else ([hidden, vocab], 1))
         bits = {helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
                 for n in graph.node if n.op_type == "MatMulNBits"}
         assert bits == ({4, 8} if head == "int8" else {4})
