@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -174,11 +175,13 @@ def test_train_cli(tiny_model, world, tmp_path, capsys):
     assert info.value.code == 2 and "schedule must be constant or cosine" in capsys.readouterr().err
 
 
-FROZEN = ("vision_model.embeddings.position_embedding", "vision_model.encoder.layers.0.self_attn")
+FROZEN = ("vision_model.embeddings.position_embedding", "vision_model.encoder.layers.0.self_attn",
+          "vision_model.embeddings.patch_embedding.weight[0:4]")
 
 
 def test_frozen_weights_stay_as_built_in_full_and_lora_training(tiny_model, world, tmp_path):
-    """``frozen`` keeps hand-built weights: not trained in full mode, no LoRA in LoRA mode; a run resumes."""
+    """``frozen`` keeps hand-built weights: not trained in full mode (named rows of a trained parameter
+    too), no LoRA in LoRA mode; a run resumes."""
     from transformers import Blip2ForConditionalGeneration
 
     train, val = sources(tiny_model, world)
@@ -189,8 +192,10 @@ def test_frozen_weights_stay_as_built_in_full_and_lora_training(tiny_model, worl
     resumed.run()
     start = dict(Blip2ForConditionalGeneration.from_pretrained(tiny_model).named_parameters())
     trained = dict(Blip2ForConditionalGeneration.from_pretrained(tmp_path / "full" / "best").named_parameters())
-    kept = [n for n in start if n.startswith(FROZEN)]
+    kept = [n for n in start if n.startswith(FROZEN[:2])]
     assert kept and all(torch.equal(start[n], trained[n]) for n in kept)
+    patch = "vision_model.embeddings.patch_embedding.weight"
+    assert torch.equal(start[patch][:4], trained[patch][:4]) and not torch.equal(start[patch][4:], trained[patch][4:])
     assert not torch.equal(start["vision_model.encoder.layers.1.self_attn.qkv.weight"],
                            trained["vision_model.encoder.layers.1.self_attn.qkv.weight"])
 
@@ -200,5 +205,6 @@ def test_frozen_weights_stay_as_built_in_full_and_lora_training(tiny_model, worl
     assert any("vision_model.encoder.layers.1.self_attn.qkv" in k for k in adapted)
     assert not any("vision_model.encoder.layers.0.self_attn" in k for k in adapted)
 
-    with pytest.raises(IdcError, match="no weights named vision_model.nowhere"):
-        Trainer(tiny_model, tmp_path / "none", TrainSettings(frozen=("vision_model.nowhere",)), train, val)
+    for missing in ("vision_model.nowhere", "vision_model.embeddings[0:2]"):  # rows: of a parameter only
+        with pytest.raises(IdcError, match=f"no weights named {re.escape(missing)}"):
+            Trainer(tiny_model, tmp_path / "none", TrainSettings(frozen=(missing,)), train, val)

@@ -57,8 +57,10 @@ class TrainSettings:
     max_caption_tokens: int = 40
     seed: int = 0
     #: Weights kept as they are, named by parameter or module prefix ("vision_model.encoder.layers.0.self_attn"):
-    #: not trained in full mode, and given no LoRA in LoRA mode. For structure built into a model by hand
-    #: (the demo's comparison heads), which training would otherwise wear away.
+    #: not trained in full mode, and given no LoRA in LoRA mode; or rows of one parameter
+    #: ("vision_model.embeddings.patch_embedding.weight[0:64]"), restored after every step in full mode.
+    #: For structure built into a model by hand (the demo's comparison heads), which training would
+    #: otherwise wear away.
     frozen: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -163,6 +165,20 @@ def _resumable(settings: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in settings.items() if k not in ("max_steps", "patience")}))
 
 
+def _split_frozen(frozen: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str, list[slice]]]:
+    """``frozen`` as (prefixes, {parameter: [row slices]})."""
+    import re
+
+    prefixes, rows = [], {}
+    for item in frozen:
+        match = re.fullmatch(r"(.+)\[(\d+):(\d+)\]", item)
+        if match:
+            rows.setdefault(match[1], []).append(slice(int(match[2]), int(match[3])))
+        else:
+            prefixes.append(item)
+    return tuple(prefixes), rows
+
+
 def _under(name: str, prefixes: tuple[str, ...]) -> bool:
     """Whether the parameter or module ``name`` is one of ``prefixes`` or lies inside one."""
     return any(name == p or name.startswith(p + ".") for p in prefixes)
@@ -202,16 +218,22 @@ class Trainer:
         self.batcher = CaptionBatcher(self.tokenizer, token_settings(config), settings.max_caption_tokens)
         torch.manual_seed(settings.seed)
         net = Blip2ForConditionalGeneration.from_pretrained(self.model_dir, dtype=torch.float32)
-        if settings.frozen and not any(_under(n, settings.frozen) for n, _ in net.named_parameters()):
-            raise IdcError(self.model_dir, f"has no weights named {', '.join(settings.frozen)} to keep frozen")
+        prefixes, rows = _split_frozen(settings.frozen)
+        params = dict(net.named_parameters())
+        for item in settings.frozen:
+            if not (item.split("[")[0] in params if item not in prefixes else any(_under(n, (item,)) for n in params)):
+                raise IdcError(self.model_dir, f"has no weights named {item} to keep frozen")
+        self._pinned = []  # (parameter, rows, their values): restored after every step
         if settings.mode == "lora":
             from peft import get_peft_model
 
-            exclude = [n for n, _ in net.named_modules() if n and _under(n, settings.frozen)]
+            exclude = [n for n, _ in net.named_modules() if n and _under(n, prefixes)]
             net = get_peft_model(net, lora_config(settings.rank, net.config.qformer_config.num_hidden_layers, exclude))
         else:
             for name, param in net.named_parameters():
-                param.requires_grad_(not _under(name, settings.frozen))
+                param.requires_grad_(not _under(name, prefixes))
+            self._pinned = [(params[name], part, params[name].detach()[part].clone())
+                            for name, parts in rows.items() for part in parts if params[name].requires_grad]
         self.net = net
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -300,6 +322,9 @@ class Trainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.optimizer.step()
+            with torch.no_grad():
+                for param, part, values in self._pinned:
+                    param[part] = values
             self.step += 1
             last_loss = loss.item()
             record = {"step": self.step, "loss": last_loss}
