@@ -44,21 +44,37 @@ def unescape_cell(value: str) -> str:
     return value[1:] if value.startswith(TEXT_MARK) else value
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Replace ``path`` with ``text`` whole or not at all, through an exclusive temporary file beside it.
 
     The temporary file has an unpredictable name and is created with ``O_EXCL`` (``tempfile.mkstemp``),
     so a symlink planted in the folder is never written through; an existing file's permission bits
-    are kept.
+    are kept, and a new file gets the ones a plain write would (0666 less the umask), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         try:
-            os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
-        except (FileNotFoundError, AttributeError):  # a new file, or no fchmod (Windows): mkstemp's 0600
-            pass
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~current_umask()
+        if hasattr(os, "fchmod"):  # not on Windows
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
         os.replace(tmp, path)

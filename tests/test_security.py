@@ -687,6 +687,19 @@ def test_temporary_files_are_never_written_through_a_planted_symlink(tmp_path):
                                                           "results.jsonl.tmp", "victim.txt"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_new_report_gets_the_mode_a_plain_write_would(tmp_path, umask):
+    """mkstemp creates 0600; a report written anew must follow the umask like any other file (shared folders)."""
+    from idc_lite.tools.evaluate import write_report
+
+    old = os.umask(umask)
+    try:
+        write_report({"n": 1}, tmp_path / "report.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 @pytest.mark.parametrize("reader, content", [
     ("ier", [{"img0": "../outside.png", "img1": "b.png", "sents": ["x"], "uid": "1"}]),
     ("ier", [{"img0": "{abs}", "img1": "b.png", "sents": ["x"], "uid": "1"}]),
