@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
 import shutil
 import tempfile
@@ -43,6 +42,7 @@ from idc_lite.errors import first_line, require
 from idc_lite.decoding import prefix_ids, token_settings
 from idc_lite.loading import check_blip2_dir, is_hub_id, resolve_model_dir
 from idc_lite.tools.memory import count_parameters, load_config, meta_model
+from idc_lite.results_io import readable_by_umask
 from idc_lite.runtime import quiet_libraries
 from idc_lite.settings import CompositionSettings, GenerationSettings, ProcessorSettings, to_dict
 from idc_lite.tokenizer import check_bare_tokenizer
@@ -131,20 +131,6 @@ def build_artifact(
     work.rename(out)
     logger.info("artifact written to %s in %.0f s", out, time.perf_counter() - started)
     return out
-
-
-def readable_by_umask(folder: Path) -> None:
-    """Give every file and folder under ``folder`` the mode a plain write would (0666 / 0777 less the umask).
-
-    Some writers (safetensors' ``save_file``, the int4 quantizer's external data) create files 0600,
-    which would leave parts of an artifact in a shared folder unreadable by its other users.
-    """
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in [folder, *folder.rglob("*")]:
-        if path.is_symlink():
-            continue
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _ort_quantization(block_size: int | None, symmetric: bool | None, head: str | None = None) -> dict:

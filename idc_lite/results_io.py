@@ -58,6 +58,21 @@ def current_umask() -> int:
     return mask
 
 
+def readable_by_umask(folder: str | os.PathLike) -> None:
+    """Give every file and folder under ``folder`` the mode a plain write would (0666 / 0777 less the umask).
+
+    Some writers (safetensors' ``save_file``, the int4 quantizer's external data, ``mkdtemp``) create
+    0600 files or 0700 folders, which would leave an artifact or a training run in a shared folder
+    unreadable by its other users.
+    """
+    mask = current_umask()
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Replace ``path`` with ``text`` whole or not at all, through an exclusive temporary file beside it.
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..adapters import BLIP2IDC_TARGET_MODULES
 from ..errors import IdcError
+from ..results_io import readable_by_umask
 
 logger = logging.getLogger("idc_lite")
 
@@ -260,6 +261,7 @@ class Trainer:
             "step": self.step, "best": self.best, "stale": self.stale, "history": self.history,
             "settings": asdict(self.settings), "model": str(self.model_dir),
         }, indent=1))
+        readable_by_umask(tmp)
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
         os.replace(tmp, self.checkpoint_dir)
 
@@ -349,7 +351,6 @@ class Trainer:
 
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="best.tmp-", dir=self.out))  # unpredictable, made by us
-        tmp.chmod(0o755)  # mkdtemp's 0700 would stay on the adapter
         if self.settings.mode == "lora":
             self.net.save_pretrained(tmp)
             config = json.loads((tmp / "adapter_config.json").read_text())
@@ -359,5 +360,6 @@ class Trainer:
             from ..settings import ProcessorSettings
 
             save_model(self.net, self.tokenizer, tmp, ProcessorSettings.from_model_dir(self.model_dir).height)
+        readable_by_umask(tmp)
         shutil.rmtree(self.out / "best", ignore_errors=True)
         os.replace(tmp, self.out / "best")
