@@ -1,10 +1,11 @@
 """``python -m benchmarks.feature_probe``: where in a model does the kind of change still show?
 
 A probe of frozen features. The model is run, untouched, on stacked pairs of the synthetic world;
-its states at several depths (the ViT after its first and third layers (0 and 2) and at its output, the Q-Former's query
-outputs, those projected into the decoder) are kept; for each depth a small head (layer norm, 4
-learnt queries attending over the states, a linear layer) learns to name the pair's kind of change
-from the training split's pairs and is scored on the validation split's. Chance is 1 in 9.
+its states at several depths (the ViT after its layers 0 and 2, or its last in a shallower ViT; the
+ViT's output; the Q-Former's query outputs; those projected into the decoder) are kept; for each
+depth a small head (layer norm, 4 learnt queries attending over the states, a linear layer) learns
+to name the pair's kind of change from the training split's pairs and is scored on the validation
+split's. Chance is 1 in 9.
 
 It tells a representation that has the comparison from one that lost it, without captions: the
 demo recipe's frozen comparison heads were chosen by it (``docs/model-card.md``). Its scores
@@ -49,7 +50,8 @@ def features(model, processor, split: str, n: int, seed: int, batch: int = 64) -
             queries = model.qformer(query_embeds=model.query_tokens.expand(len(pairs), -1, -1),
                                     encoder_hidden_states=image,
                                     encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long)).last_hidden_state
-            found = {"vit-layer0": vision.hidden_states[1], "vit-layer2": vision.hidden_states[3], "vit": image,
+            layers = vision.hidden_states  # embeddings, then each layer's output
+            found = {"vit-layer0": layers[1], "vit-layer2": layers[min(3, len(layers) - 1)], "vit": image,
                      "qformer": queries, "projected": model.language_projection(queries)}
         for depth in DEPTHS:
             states[depth].append(found[depth].float())

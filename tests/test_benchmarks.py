@@ -271,3 +271,28 @@ def test_the_bandwidth_floor_is_shown_for_cpu_backends_only(bench):
         backend["backend"]["device"] = "cuda"
     table = "\n".join(decoder_table(on_gpu))
     assert "No CPU backend in this run" in table and not any(f"| {name} |" in table for name in cpu)
+
+
+def test_the_feature_probe_reads_a_kind_that_is_there_and_not_one_that_is_not(tiny_model):
+    """``benchmarks.feature_probe``: states of a real (tiny) model at every depth, and a head that finds
+    a planted kind of change and stays near chance on noise."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    from benchmarks.feature_probe import DEPTHS, features, probe
+    from idc_lite.settings import ProcessorSettings
+    from idc_lite.tools.synth import CATEGORIES
+
+    model = Blip2ForConditionalGeneration.from_pretrained(tiny_model).eval()
+    states, kinds = features(model, ProcessorSettings.from_model_dir(tiny_model), "val", 9, seed=0, batch=4)
+    assert set(states) == set(DEPTHS) and all(len(s) == 9 for s in states.values())
+    assert sorted(kinds) == list(range(len(CATEGORIES)))  # the split's balanced turn
+
+    generator = torch.Generator().manual_seed(0)
+    labels = np.arange(360) % len(CATEGORIES)
+    noise = torch.randn(360, 5, 16, generator=generator)
+    planted = noise.clone()
+    planted[torch.arange(360), :, torch.from_numpy(labels)] += 3.0  # the kind, written into every token
+    train, val = slice(0, 270), slice(270, 360)
+    assert probe(planted[train], labels[train], planted[val], labels[val], epochs=40)["overall"] >= 0.9
+    assert probe(noise[train], labels[train], noise[val], labels[val], epochs=40)["overall"] <= 0.35
