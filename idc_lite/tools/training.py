@@ -221,8 +221,9 @@ class Trainer:
         net = Blip2ForConditionalGeneration.from_pretrained(self.model_dir, dtype=torch.float32)
         prefixes, rows = _split_frozen(settings.frozen)
         params = dict(net.named_parameters())
-        for item in settings.frozen:
-            if not (item.split("[")[0] in params if item not in prefixes else any(_under(n, (item,)) for n in params)):
+        for item in settings.frozen:  # a prefix names parameters or modules; rows, one parameter
+            found = any(_under(n, (item,)) for n in params) if item in prefixes else item.split("[")[0] in params
+            if not found:
                 raise IdcError(self.model_dir, f"has no weights named {item} to keep frozen")
         self._pinned = []  # (parameter, rows, their values): restored after every step
         if settings.mode == "lora":
