@@ -63,8 +63,9 @@ def test_the_cli_describes_the_readme_example_offline():
 
 #: The example pairs the shipped model still describes wrongly (issue 18): each is an xfail that must
 #: fail, so that a model that gets one right turns it into a failure until it is taken off this list.
-WRONG_TODAY = {"add", "remove", "color", "local"}
-WRONG_REASON = "issue 18: the shipped model does not yet tell additions, removals, recolourings and moves apart"
+WRONG_TODAY = {"add", "remove", "color", "local", "background", "text"}
+WRONG_REASON = ("issue 18: the shipped model calls additions and removals moves, and names the right kind of "
+                "change with the wrong object, colour or word in the other examples")
 
 
 @pytest.mark.parametrize("name", [
@@ -82,12 +83,13 @@ def test_the_example_pair_is_described_with_the_right_kind_of_change_and_object(
 @pytest.mark.parametrize("split", ["test", "shifted"])
 def test_captions_say_what_kind_of_change_happened(default, split):
     """On unseen pairs of the wide world, captions state the right kind of change (the strict rule) in
-    several categories, well above chance overall.
+    most categories, `none` included, well above chance overall.
 
     Chance is 1/9; a broken encoder, decoder or composition path repeats one caption and can be right
-    in one category only, and the previous embedded model (which did not compare the halves) was right
-    in 26% and 25% of these splits' pairs (docs/model-card.md). The floors sit below what the shipped
-    model gives on these 108 pairs, leaving room for any CPU's int4 rounding.
+    in one category only (saying "nothing changed" to every pair is right in `none` alone), and the
+    two models before this one were right in 26% / 25% and 42% / 38% of the test / shifted splits,
+    never in `none` (docs/model-card.md). The floors sit below what the shipped model gives on these
+    108 pairs, leaving room for any CPU's int4 rounding.
     """
     from collections import defaultdict
 
@@ -101,7 +103,8 @@ def test_captions_say_what_kind_of_change_happened(default, split):
         right[pair.category].append(says_kind(result.caption, pair.category))
     shares = {c: sum(v) / len(v) for c, v in right.items()}
     overall = sum(map(sum, right.values())) / len(pairs)
-    assert overall >= 0.28 and sum(share >= 0.3 for share in shares.values()) >= 3, (overall, shares)
+    assert overall >= 0.5 and sum(share >= 0.5 for share in shares.values()) >= 5, (overall, shares)
+    assert shares["none"] >= 0.75, shares
 
 
 def test_a_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path):
