@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -63,8 +64,15 @@ def test_padding_does_not_change_the_loss(tiny_model, world):
 def test_lora_follows_blip2idc_and_the_best_adapter_loads(tiny_model, world, tmp_path):
     train, val = sources(tiny_model, world)
     settings = TrainSettings(rank=4, lr=5e-3, batch_size=4, max_steps=4, val_every=2, warmup_steps=0)
-    summary = Trainer(tiny_model, tmp_path, settings, train, val).run()
+    old = os.umask(0o022)
+    try:
+        summary = Trainer(tiny_model, tmp_path, settings, train, val).run()
+    finally:
+        os.umask(old)
     assert summary["steps"] == 4 and summary["stopped"] == "max steps"
+    # safetensors writes 0600 and mkdtemp makes 0700: a run in a shared folder stays readable.
+    for path in [*(tmp_path / "best").rglob("*"), *(tmp_path / "checkpoint").rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
     config = json.loads((tmp_path / "best" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["bias"]) == (4, 8, 0.05, "none")
     assert {"qkv", "key", "value", "q_proj", "k_proj", "v_proj", "qformer.encoder.layer.0.crossattention.attention.query"} \
