@@ -4,7 +4,8 @@
 
 1. **base**: a small ``Blip2ForConditionalGeneration`` with random weights and a byte-level BPE
    tokenizer (up to 2k tokens) trained on the world's captions; its ViT starts with two heads that
-   compare each patch with the same place in the other image (:func:`init_comparison_heads`);
+   compare each patch with the same place in the other image (:func:`init_comparison_heads`), kept
+   as built through both training stages (:data:`FROZEN`);
 2. **stage 1**: every weight trained from scratch (the stand-in for BLIP-2's pre-training) on a mix
    (see :class:`SceneSource`): single scenes captioned by their contents ("a large red circle and a
    small blue star on a beige background"); stacked pairs captioned by what differs between their
@@ -212,7 +213,7 @@ def init_comparison_heads(vision_model, seed: int) -> None:
     A pair is stacked before above after, so patch (r, c) of the top half and patch (r + rows/2, c)
     show the same place. BLIP2IDC reads its fine-tuned heads doing this comparison (paper section
     2.2); a demo-sized ViT trained from scratch on 2 CPU cores did not learn it (``docs/model-card.md``,
-    the probes). So it starts with it, and training is free to change it:
+    the probes). So it starts with it, and the recipe keeps it as built (:data:`FROZEN`):
 
     - the position embedding of patch (r, c) is a random code of (r mod rows/2, c), the same in both
       halves, plus a sign saying which half (:data:`HALF_DIMS`); patches write their content into
